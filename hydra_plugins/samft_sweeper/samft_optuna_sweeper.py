@@ -1,0 +1,41 @@
+"""Registers `hydra/sweeper=samft_optuna`. Hydra imports every plugin module at start-up, so this one
+stays light: Optuna and the sweep loop are imported only when a sweep runs."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from omegaconf import DictConfig
+
+
+@dataclass
+class SamftOptunaSweeperConf(OptunaSweeperConf):
+    _target_: str = "hydra_plugins.samft_sweeper.samft_optuna_sweeper.SamftOptunaSweeper"
+    # median | hyperband | none: jobs report validation Dice every epoch and stop when told to
+    pruner: str = "none"
+    # a failed or non-finite trial is recorded as FAIL and the sweep goes on (1.0 = never abort)
+    max_failure_rate: float = 1.0
+    n_jobs: int = 1
+
+
+class SamftOptunaSweeper(Sweeper):
+    """The stock Optuna sweeper's search space, with samft's sweep loop (samft.sweep.sweeper)."""
+
+    def __init__(self, *, pruner: str, **kwargs: Any) -> None:
+        from samft.sweep.sweeper import PruningSweeperImpl
+
+        self.sweeper = PruningSweeperImpl(pruner=pruner, **kwargs)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        return self.sweeper.sweep(arguments)
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="samft_optuna", node=SamftOptunaSweeperConf, provider="samft"
+)

@@ -1,0 +1,297 @@
+"""Typed schemas for the Hydra config and the checks that run before any data is read.
+
+Importing this module must stay cheap (no torch, no MONAI): `--help` and `--cfg job` rely on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from samft.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"
+    train_csv: str | None = None
+    val_csv: str | None = None
+    mask_dir: str | None = None
+    root: str | None = None
+    split_file: str | None = None
+    val_fraction: float = 0.2
+    image_dir: str | None = None
+    label_dir: str | None = None
+    demo_dir: str | None = None
+    demo_patients: int = 16
+    demo_seed: int = 0
+    batch_size: int = 2
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])
+    roi_size: int = 128
+    intensity: str = "window"
+    window_center: float = 40.0
+    window_width: float = 80.0
+    pos_neg_ratio: float = 1.0
+    aug_prob: float = 0.3
+    cache: str = "memory"
+    cache_dir: str | None = None
+    on_bad_sample: str = "error"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sam_med3d_tiny"
+    checkpoint: str | None = None
+    freeze_encoder: bool = False
+    visual_tokens: int = 256
+    gradient_checkpointing: bool = False
+    ich_loss_weight: float = 0.1
+    prompt_mode: str = "click"
+    train_clicks: int = 3
+    val_clicks: list[int] = field(default_factory=lambda: [1, 3, 5])
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_accum_steps: int = 4
+    max_grad_norm: float | None = 1.0
+    encoder_lr_mult: float = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "plateau"
+    factor: float = 0.5
+    plateau_patience: int = 5
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+    step_size: int = 30
+    gamma: float = 0.1
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"
+    precision: str = "fp32"
+    num_workers: int | None = None
+    pin_memory: bool = False
+    distributed: bool = False
+    nproc_per_node: int = 1
+    backend: str = "auto"
+    deterministic: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "samft"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"
+    log_images: bool = False
+    log_freq: int = 5
+
+
+@dataclass
+class TrialConfig:
+    """Filled in by the pruning sweeper for each job; empty for plain runs."""
+
+    number: int | None = None
+    study_name: str | None = None
+    storage: str | None = None
+    pruner: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    task_name: str = "train"
+    output_dir: str = "./outputs"
+    seed: int = 42
+    epochs: int = 200
+    patience: int = 15
+    min_delta: float = 0.0
+    val_every: int = 1
+    resume: str = "auto"
+    max_steps_per_epoch: int | None = None
+    oom_policy: str = "skip"
+    max_consecutive_failures: int = 5
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("demo", "csv", "ct_ich", "nifti"),
+    "data.intensity": ("window", "nnunet"),
+    "data.cache": ("none", "memory", "disk"),
+    "data.on_bad_sample": ("error", "skip"),
+    "model.name": ("sam_med3d", "sam_med3d_tiny", "unet"),
+    "model.prompt_mode": ("click", "auto"),
+    "optim.name": ("adamw",),
+    "scheduler.name": ("plateau", "cosine", "step"),
+    "hardware.device": ("cpu", "cuda", "auto"),
+    "hardware.precision": ("fp32", "bf16", "fp16"),
+    "hardware.backend": ("auto", "nccl", "gloo"),
+    "logger.name": ("none", "wandb"),
+    "logger.mode": ("online", "offline", "disabled"),
+    "trial.pruner": ("none", "median", "hyperband"),
+    "oom_policy": ("skip", "halve"),
+}
+
+# key -> (lowest allowed, highest allowed, whether the lowest is excluded)
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "data.batch_size": (1, None, False),
+    "data.roi_size": (16, None, False),
+    "data.demo_patients": (3, None, False),
+    "data.val_fraction": (0.0, 1.0, True),
+    "data.pos_neg_ratio": (0.0, None, False),
+    "data.aug_prob": (0.0, 1.0, False),
+    "data.window_width": (0.0, None, True),
+    "model.visual_tokens": (1, None, False),
+    "model.ich_loss_weight": (0.0, None, False),
+    "model.train_clicks": (0, None, False),
+    "optim.lr": (0.0, 1.0, True),
+    "optim.weight_decay": (0.0, None, False),
+    "optim.grad_accum_steps": (1, None, False),
+    "optim.max_grad_norm": (0.0, None, True),
+    "optim.encoder_lr_mult": (0.0, None, False),
+    "scheduler.factor": (0.0, 1.0, True),
+    "scheduler.plateau_patience": (0, None, False),
+    "scheduler.warmup_epochs": (0, None, False),
+    "scheduler.min_lr": (0.0, None, False),
+    "scheduler.step_size": (1, None, False),
+    "scheduler.gamma": (0.0, 1.0, True),
+    "hardware.num_workers": (0, None, False),
+    "hardware.nproc_per_node": (1, None, False),
+    "logger.log_freq": (1, None, False),
+    "epochs": (1, None, False),
+    "patience": (1, None, False),
+    "min_delta": (0.0, None, False),
+    "val_every": (1, None, False),
+    "max_steps_per_epoch": (1, None, False),
+    "max_consecutive_failures": (1, None, False),
+}
+
+
+def schema_keys(section: str) -> list[str]:
+    """The keys a config section accepts ('' for the top level), for error messages."""
+    node: Any = TrainConfig
+    for part in filter(None, section.split(".")):
+        node = {f.name: f for f in dataclasses.fields(node)}[part].default_factory
+    return sorted(f.name for f in dataclasses.fields(node))
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Merge the composed config into the schema and check choices and ranges.
+
+    Returns the typed config (without the `hydra` node). Raises UserError with one line naming the key
+    and what it accepts.
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for node in ("hydra", "experiment", "hparams_search"):
+        raw.pop(node, None)
+    try:
+        plain = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(_describe_omegaconf_error(err)) from None
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        typed = OmegaConf.merge(schema, plain)
+    except OmegaConfBaseException as err:
+        raise UserError(_describe_omegaconf_error(err)) from None
+    _check_choices(typed)
+    _check_ranges(typed)
+    _check_sources(typed)
+    return typed
+
+
+def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(err).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not" in message:
+        parent = key.rpartition(".")[0]
+        return f"unknown config key '{key}'; keys under '{parent or '<top level>'}': {', '.join(schema_keys(parent))}"
+    expected = _expected_type(key)
+    return f"config key '{key}': {message}" + (f" (expected {expected})" if expected else "")
+
+
+def _expected_type(key: str) -> str | None:
+    node: Any = TrainConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return None
+        if i == len(parts) - 1:
+            return str(fields[part].type)
+        node = fields[part].default_factory
+    return None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"config key '{key}' is {value!r}; allowed values: {', '.join(allowed)}")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, (low, high, low_open) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            lower = f"> {low}" if low_open else f">= {low}"
+            bound = lower if high is None else f"{lower} and <= {high}"
+            raise UserError(f"config key '{key}' is {value}; it must be {bound}")
+    if len(cfg.data.spacing) != 3 or any(s <= 0 for s in cfg.data.spacing):
+        raise UserError(f"config key 'data.spacing' is {list(cfg.data.spacing)}; give three positive mm values")
+    if cfg.data.roi_size % 16:
+        raise UserError(f"config key 'data.roi_size' is {cfg.data.roi_size}; it must be a multiple of 16")
+    if any(c < 0 for c in cfg.model.val_clicks):
+        raise UserError(f"config key 'model.val_clicks' is {list(cfg.model.val_clicks)}; counts must be >= 0")
+
+
+def _check_sources(cfg: DictConfig) -> None:
+    needed = {
+        "csv": ("train_csv", "val_csv", "mask_dir"),
+        "ct_ich": ("root",),
+        "nifti": ("image_dir", "label_dir"),
+    }.get(cfg.data.source, ())
+    missing = [f"data.{k}" for k in needed if OmegaConf.is_missing(cfg.data, k) or not cfg.data[k]]
+    if missing:
+        raise UserError(
+            f"data={cfg.data.source} needs {', '.join(missing)}; pass them on the command line, "
+            f"e.g. {' '.join(f'{k}=...' for k in missing)}"
+        )
+    if cfg.resume not in ("auto", "never") and not os.path.isfile(cfg.resume):
+        raise UserError(f"config key 'resume' is {cfg.resume!r}: no such file; use auto, never or a checkpoint path")
+
+
+def risky_settings(cfg: DictConfig) -> list[str]:
+    """Legal settings that are probably a mistake; printed as warnings."""
+    warnings = []
+    if cfg.hardware.precision == "fp16" and cfg.hardware.device == "cpu":
+        warnings.append("hardware.precision=fp16 on CPU is slow and imprecise; use bf16 or fp32 on CPU")
+    if cfg.epochs < cfg.patience:
+        warnings.append(f"epochs={cfg.epochs} is below patience={cfg.patience}: early stopping can never trigger")
+    if cfg.model.freeze_encoder and not cfg.model.checkpoint:
+        warnings.append("model.freeze_encoder=true without model.checkpoint freezes a randomly initialised encoder")
+    if cfg.model.name == "sam_med3d" and cfg.hardware.device == "cpu":
+        warnings.append("model=sam_med3d on CPU takes about 20 s per forward pass; use model=sam_med3d_tiny or a GPU")
+    return warnings

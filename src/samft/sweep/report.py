@@ -1,0 +1,64 @@
+"""After a sweep: the trial table (CSV and printed), the best run's folder, and the Optuna plots."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def trial_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, objective, each parameter, epochs run, run directory."""
+    rows = []
+    for trial in study.trials:
+        rows.append({
+            "number": trial.number,
+            "state": trial.state.name,
+            "objective": trial.value,
+            **{f"param:{k}": v for k, v in trial.params.items()},
+            "epochs_run": trial.user_attrs.get("epochs_run"),
+            "run_dir": trial.user_attrs.get("run_dir"),
+        })
+    return pd.DataFrame(rows)
+
+
+def write_report(study: optuna.Study, sweep_dir: Path) -> None:
+    table = trial_table(study)
+    table.to_csv(sweep_dir / "trials.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(table.to_string(index=False))
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        print("no trial completed")
+        return
+    best = study.best_trial
+    print(f"best trial {best.number}: {best.value:.4f} {best.params}")
+    print(f"best run directory: {best.user_attrs.get('run_dir')}")
+    (sweep_dir / "best_run.txt").write_text(f"{best.user_attrs.get('run_dir')}\n")
+    _plots(study, sweep_dir, n_completed=len(completed))
+
+
+def _plots(study: optuna.Study, sweep_dir: Path, *, n_completed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna_plots.plot_optimization_history(study)
+        plt.savefig(sweep_dir / "optimization_history.png", bbox_inches="tight")
+        plt.close("all")
+        if n_completed >= 2 and len(study.best_trial.params) >= 1:
+            try:
+                optuna_plots.plot_param_importances(study)
+                plt.savefig(sweep_dir / "param_importances.png", bbox_inches="tight")
+            except (ValueError, RuntimeError) as err:
+                log.warning("parameter importances not plotted: %s", err)
+            plt.close("all")
