@@ -162,7 +162,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.window_width": (0.0, None, True),
     "model.visual_tokens": (1, None, False),
     "model.ich_loss_weight": (0.0, None, False),
-    "model.train_clicks": (0, None, False),
+    "model.train_clicks": (1, None, False),
     "optim.lr": (0.0, 1.0, True),
     "optim.weight_decay": (0.0, None, False),
     "optim.grad_accum_steps": (1, None, False),
@@ -214,6 +214,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise UserError(_describe_omegaconf_error(err)) from None
     _check_choices(typed)
     _check_ranges(typed)
+    _check_model(typed)
     _check_sources(typed)
     return typed
 
@@ -263,8 +264,14 @@ def _check_ranges(cfg: DictConfig) -> None:
         raise UserError(f"config key 'data.spacing' is {list(cfg.data.spacing)}; give three positive mm values")
     if cfg.data.roi_size % 16:
         raise UserError(f"config key 'data.roi_size' is {cfg.data.roi_size}; it must be a multiple of 16")
-    if any(c < 0 for c in cfg.model.val_clicks):
-        raise UserError(f"config key 'model.val_clicks' is {list(cfg.model.val_clicks)}; counts must be >= 0")
+    if not cfg.model.val_clicks or any(c < 1 for c in cfg.model.val_clicks):
+        raise UserError(f"config key 'model.val_clicks' is {list(cfg.model.val_clicks)}; give click counts >= 1 "
+                        "(model.prompt_mode=auto evaluates without clicks)")
+
+
+def _check_model(cfg: DictConfig) -> None:
+    if cfg.model.name == "unet" and cfg.model.prompt_mode != "auto":
+        raise UserError("model=unet takes no click prompts; set model.prompt_mode=auto (conf/model/unet.yaml does)")
 
 
 def _check_sources(cfg: DictConfig) -> None:

@@ -55,10 +55,21 @@ def _plots(study: optuna.Study, sweep_dir: Path, *, n_completed: int) -> None:
         optuna_plots.plot_optimization_history(study)
         plt.savefig(sweep_dir / "optimization_history.png", bbox_inches="tight")
         plt.close("all")
-        if n_completed >= 2 and len(study.best_trial.params) >= 1:
-            try:
-                optuna_plots.plot_param_importances(study)
-                plt.savefig(sweep_dir / "param_importances.png", bbox_inches="tight")
-            except (ValueError, RuntimeError) as err:
-                log.warning("parameter importances not plotted: %s", err)
-            plt.close("all")
+        if n_completed >= 2 and study.best_trial.params:
+            _plot_importances(study, sweep_dir / "param_importances.png")
+
+
+def _plot_importances(study: optuna.Study, path: Path) -> None:
+    """Optuna's importances drawn with matplotlib: optuna 2.10's own plot and its default fANOVA evaluator
+    break on current matplotlib and numpy, its random-forest (MDI) evaluator works."""
+    import matplotlib.pyplot as plt
+
+    evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(names)))
+    ax.barh(names, [importances[n] for n in names])
+    ax.set_xlabel("importance for the objective (mean decrease in impurity)")
+    ax.set_title("hyperparameter importances")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,195 @@
+"""Records -> (cached) MONAI datasets -> reproducible DataLoaders.
+
+The deterministic prefix of the pipeline (read, orient, resample, normalise, and for validation the crop)
+is cached: ``cache="memory"`` keeps it in RAM (``CacheDataset``), ``cache="disk"`` in ``cache_dir``
+(``PersistentDataset``; one sub-folder per preprocessing setting, entries keyed by the record and its
+files' size and modification time), ``cache="none"`` recomputes it every epoch.
+
+Training randomness does not depend on workers or order: the random transforms of sample ``i`` in epoch
+``e`` are seeded from ``(seed, e, i)`` and the shuffle from ``seed + e``. The epoch advances by one each
+time the train loader is iterated; when resuming call ``train_loader.sampler.set_epoch(epoch)`` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
+from monai.data.utils import pickle_hashing
+from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
+from torch.utils.data import DistributedSampler, Sampler
+
+from samft.data.transforms import Preprocessing
+from samft.errors import UserError
+
+CACHES = ("none", "memory", "disk")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """Loader workers from the CPUs this process may use: one fewer than the CPUs, at most 4."""
+    return max(0, min(4, available_cpus() - 1))
+
+
+def build_datasets(
+    *,
+    train_records: Sequence[dict],
+    val_records: Sequence[dict],
+    preprocessing: Preprocessing,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    cache_workers: int = 1,
+) -> tuple[Dataset, Dataset]:
+    """MONAI datasets of the train and val records with the stage pipelines (``cache`` as in the module doc;
+    ``cache_workers`` threads fill the memory cache)."""
+    return tuple(  # type: ignore[return-value]
+        _dataset(records, preprocessing, stage=stage, cache=cache, cache_dir=cache_dir, workers=cache_workers)
+        for stage, records in (("train", train_records), ("val", val_records))
+    )
+
+
+def build_dataloaders(
+    *,
+    train_records: Sequence[dict],
+    val_records: Sequence[dict],
+    preprocessing: Preprocessing,
+    batch_size: int,
+    num_workers: int | None = None,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    pin_memory: bool = False,
+    seed: int = 0,
+    distributed: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """Train and val loaders; batches are dicts (CONTRACT.md): ``image`` float32 MetaTensor B x 1 x R^3,
+    ``label`` float32 B x 1 x R^3 in {0, 1}, ``ich`` float32 B, ``case_id`` list[str], plus meta.
+
+    ``num_workers=None`` uses ``default_num_workers()``; workers persist across epochs. With
+    ``distributed=True`` (process group initialised) each rank gets its shard of the training set; every
+    rank sees the whole validation set.
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    train_ds, val_ds = build_datasets(
+        train_records=train_records, val_records=val_records, preprocessing=preprocessing, cache=cache,
+        cache_dir=cache_dir, cache_workers=available_cpus(),
+    )
+    sampler = EpochSampler(len(train_ds), seed=seed, distributed=distributed)
+    common: dict[str, Any] = {
+        "batch_size": batch_size, "num_workers": workers, "pin_memory": pin_memory,
+        "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed),
+    }
+    train_loader = DataLoader(SeededSamples(train_ds, seed=seed), sampler=sampler, **common)
+    val_loader = DataLoader(SeededSamples(val_ds, seed=seed), shuffle=False, **common)
+    return train_loader, val_loader
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` pairs: a permutation seeded with ``seed + epoch`` (this rank's shard when
+    distributed). Each pass advances the epoch by one; ``set_epoch`` sets the epoch of the next pass."""
+
+    def __init__(self, size: int, *, seed: int, distributed: bool = False) -> None:
+        replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
+        self._shuffle = DistributedSampler(range(size), shuffle=True, seed=seed, **replicas)
+        self._epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._shuffle)
+
+    def __iter__(self):
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        self._shuffle.set_epoch(epoch)
+        return iter([(index, epoch) for index in self._shuffle])
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Wraps a MONAI dataset; a key ``(index, epoch)`` seeds its random transforms from
+    ``(seed, epoch, index)`` before reading sample ``index`` (a plain int key reads it unseeded)."""
+
+    def __init__(self, dataset: Dataset, *, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        index = key
+        if isinstance(key, tuple):
+            index, epoch = key
+            state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
+            self.dataset.transform.set_random_state(seed=int(state))
+        try:
+            return self.dataset[index]
+        except RuntimeError as err:  # MONAI wraps a failing transform; surface the user's problem as is
+            cause = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _dataset(
+    records: Sequence[dict], preprocessing: Preprocessing, *, stage: str, cache: str,
+    cache_dir: str | Path | None, workers: int,
+) -> Dataset:
+    transform = preprocessing.transforms(stage)
+    data = list(records)
+    if cache == "none":
+        return Dataset(data, transform)
+    if cache == "memory":
+        return CacheDataset(data, transform, num_workers=workers, progress=False)
+    if cache != "disk":
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if cache_dir is None:
+        raise UserError("data.cache=disk needs data.cache_dir (a folder for the preprocessed volumes)")
+    folder = Path(cache_dir).expanduser() / f"{stage}-{_settings_hash(preprocessing)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return _SafePersistentDataset(data, transform, cache_dir=folder, hash_func=_record_hash, track_meta=True)
+
+
+class _SafePersistentDataset(PersistentDataset):
+    """``PersistentDataset`` that reads its cache with ``weights_only=True`` and allows only the types the
+    cached samples hold (MetaTensor, its meta keys, numpy arrays)."""
+
+    _NUMPY = (np.ndarray, np.dtype, np.zeros(1).__reduce__()[0])
+    _DTYPES = tuple(type(np.dtype(t)) for t in (np.bool_, np.uint8, np.int16, np.int32, np.int64, np.float32,
+                                                 np.float64))
+    _ALLOWED = (MetaTensor, MetaKeys, SpaceKeys, TraceKeys, *_NUMPY, *_DTYPES)
+
+    def _cachecheck(self, item_transformed: dict) -> Any:
+        with torch.serialization.safe_globals(list(self._ALLOWED)):
+            return super()._cachecheck(item_transformed)
+
+
+def _settings_hash(preprocessing: Preprocessing) -> str:
+    """Hash of what the cached prefix depends on (not the random crop or augmentation settings)."""
+    settings = {k: v for k, v in asdict(preprocessing).items() if k not in ("pos_neg_ratio", "aug_prob")}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _record_hash(record: dict) -> bytes:
+    """The record plus the size and modification time of its files, so edited files are re-preprocessed."""
+    stamps = []
+    for key in ("image", "label"):
+        path = record.get(key)
+        if isinstance(path, str) and os.path.exists(path):
+            stat = os.stat(path)
+            stamps.append((key, stat.st_size, stat.st_mtime_ns))
+    return pickle_hashing({**record, "_files": stamps})

@@ -1,0 +1,93 @@
+"""Optimiser and learning-rate schedules, with the rule for when the Trainer steps each schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau, StepLR
+
+SCHEDULERS = ("plateau", "cosine", "step")
+
+
+def build_optimizer(
+    params: Iterable[dict[str, Any]] | Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """AdamW over parameter groups (e.g. `samft.model.param_groups(...)`); a group's own lr/weight_decay wins."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+
+
+def updates_per_epoch(num_batches: int, *, grad_accum_steps: int, max_steps_per_epoch: int | None = None) -> int:
+    """Optimiser updates in one epoch of `num_batches` micro-batches (a partial last window counts)."""
+    updates = math.ceil(num_batches / grad_accum_steps)
+    return updates if max_steps_per_epoch is None else min(updates, max_steps_per_epoch)
+
+
+@dataclass
+class Schedule:
+    """A torch LR scheduler and when it is stepped.
+
+    interval: "step" after every optimiser update, "epoch" after every epoch, "metric" after every
+    validation with the monitored value (ReduceLROnPlateau in max mode).
+    """
+
+    scheduler: LRScheduler
+    interval: Literal["step", "epoch", "metric"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+def build_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: int = 0,
+    min_lr: float = 0.0,
+    factor: float = 0.5,
+    plateau_patience: int = 5,
+    step_size: int = 30,
+    gamma: float = 0.1,
+) -> Schedule:
+    """plateau: lr *= factor after `plateau_patience` validations without improvement (never below min_lr).
+    cosine: linear warmup over `warmup_epochs`, then cosine decay to `min_lr`, stepped per optimiser update
+    (`steps_per_epoch` from `updates_per_epoch`). step: lr *= gamma every `step_size` epochs.
+    """
+    if name == "plateau":
+        plateau = ReduceLROnPlateau(optimizer, mode="max", factor=factor, patience=plateau_patience, min_lr=min_lr)
+        return Schedule(plateau, "metric")
+    if name == "cosine":
+        total = max(1, epochs * steps_per_epoch)
+        warmup = min(warmup_epochs * steps_per_epoch, total - 1)
+        lambdas = [
+            _cosine_factor(group["lr"], min_lr=min_lr, warmup=warmup, total=total) for group in optimizer.param_groups
+        ]
+        return Schedule(LambdaLR(optimizer, lambdas), "step")
+    if name == "step":
+        return Schedule(StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def _cosine_factor(base_lr: float, *, min_lr: float, warmup: int, total: int):
+    """lr multiplier after `step` updates: (step+1)/(warmup+1) during warmup, then cosine to min_lr/base_lr."""
+    floor = min(1.0, min_lr / base_lr) if base_lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

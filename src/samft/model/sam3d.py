@@ -1,0 +1,211 @@
+"""SAM-Med3D composed from its parts, with the heads and the click-driven `segment` API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samft.model.decoder import MaskDecoder3D
+from samft.model.encoder import ImageEncoder3D
+from samft.model.heads import PresenceHead, RepresentationHead
+from samft.model.prompt_encoder import PromptEncoder3D
+from samft.model.prompts import NO_CLICK, correction_click, first_click
+
+
+@dataclass
+class SegmentOutput:
+    """What `segment` returns.
+
+    logits: one B x 1 x S x S x S full-resolution logit volume per click round (one round in auto mode).
+    ich_logit: B ICH-presence logits, or None for a model without that head.
+    features: B x C x g x g x g image-encoder features.
+    """
+
+    logits: list[torch.Tensor]
+    ich_logit: torch.Tensor | None
+    features: torch.Tensor
+
+
+class SamMed3D(nn.Module):
+    """Image encoder + prompt encoder + mask decoder (the released state-dict layout) + our two heads."""
+
+    def __init__(
+        self,
+        *,
+        image_encoder: ImageEncoder3D,
+        prompt_encoder: PromptEncoder3D,
+        mask_decoder: MaskDecoder3D,
+        representation_head: RepresentationHead,
+        ich_head: PresenceHead,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.representation_head = representation_head
+        self.ich_head = ich_head
+        self.img_size = image_encoder.img_size
+        self.encoder_frozen = False
+
+    def freeze_encoder(self) -> None:
+        """No gradients for the image encoder: its parameters stop requiring them, `encode` runs it under
+        no_grad (no activations kept) and it stays in eval mode (see `train`)."""
+        self.image_encoder.requires_grad_(False)
+        self.encoder_frozen = True
+        self.image_encoder.eval()
+
+    def train(self, mode: bool = True) -> SamMed3D:
+        super().train(mode)
+        if self.encoder_frozen:
+            self.image_encoder.eval()
+        return self
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """image B x 1 x S x S x S -> features B x C x g x g x g (S = img_size, g = S / patch size)."""
+        size, chans = self.img_size, self.image_encoder.in_chans
+        if image.ndim != 5 or image.shape[1] != chans or tuple(image.shape[2:]) != (size,) * 3:
+            raise ValueError(f"expected image B x {chans} x {size} x {size} x {size}, got {tuple(image.shape)}")
+        if self.encoder_frozen:
+            with torch.no_grad():
+                return self.image_encoder(image)
+        return self.image_encoder(image)
+
+    def decode(
+        self,
+        features: torch.Tensor,
+        *,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_prompt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Low-resolution mask logits B x 1 x S/4 x S/4 x S/4.
+
+        points: coords B x N x 3 (float voxel indices of the S^3 input) and labels B x N (1 positive,
+        0 negative, -1 padding); mask_prompt: B x 1 x S/4 x S/4 x S/4 logits (e.g. the previous round's).
+        """
+        self._check_decode_inputs(features, points, mask_prompt)
+        sparse, dense = self.prompt_encoder(batch_size=features.shape[0], points=points, mask_prompt=mask_prompt)
+        masks, _ = self.mask_decoder(
+            image_embeddings=features, image_pe=self.prompt_encoder.dense_pe(), sparse=sparse, dense=dense
+        )
+        return masks
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """features B x C x g x g x g -> B x g^3 x visual_tokens."""
+        return self.representation_head(features)
+
+    def ich_logit(self, features: torch.Tensor) -> torch.Tensor:
+        """features B x C x g x g x g -> ICH-presence logits B."""
+        return self.ich_head(self.representation_head(features))
+
+    def segment(
+        self,
+        image: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        num_clicks: int,
+        generator: torch.Generator | None = None,
+    ) -> SegmentOutput:
+        """Interactive segmentation with simulated clicks, or prompt-free with num_clicks=0.
+
+        image, target: B x 1 x S x S x S (target in {0, 1}, needed when num_clicks > 0). Round 1 clicks a
+        uniform target voxel; each later round clicks a uniform voxel of the previous round's error region
+        (positive on a miss, negative on a false alarm) and feeds the previous low-resolution logits back
+        (detached) as the mask prompt. A sample without a click (empty target) is decoded without points.
+        """
+        if num_clicks < 0:
+            raise ValueError(f"num_clicks must be >= 0, got {num_clicks}")
+        if num_clicks > 0 and (target is None or target.shape != image.shape):
+            got = None if target is None else tuple(target.shape)
+            raise ValueError(f"num_clicks > 0 needs target of the image's shape {tuple(image.shape)}, got {got}")
+        features = self.encode(image)
+        if num_clicks == 0:
+            logits = [self._upsample(self.decode(features))]
+        else:
+            logits = self._click_rounds(features, target, num_clicks=num_clicks, generator=generator)
+        return SegmentOutput(logits=logits, ich_logit=self.ich_logit(features), features=features)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        num_clicks: int,
+        generator: torch.Generator | None = None,
+    ) -> SegmentOutput:
+        """`segment`, for wrappers that call the module (DistributedDataParallel schedules its all-reduce so)."""
+        return self.segment(image, target=target, num_clicks=num_clicks, generator=generator)
+
+    def _click_rounds(
+        self, features: torch.Tensor, target: torch.Tensor, *, num_clicks: int, generator: torch.Generator | None
+    ) -> list[torch.Tensor]:
+        batch = features.shape[0]
+        coords = features.new_zeros(batch, 0, 3, dtype=torch.float32)
+        labels = torch.zeros(batch, 0, dtype=torch.long, device=features.device)
+        mask_prompt, logits = None, []
+        for round_index in range(num_clicks):
+            if round_index == 0:
+                new_coords, new_labels = first_click(target, generator=generator)
+            else:
+                new_coords, new_labels = correction_click(logits[-1], target, generator=generator)
+            coords = torch.cat([coords, new_coords[:, None]], dim=1)
+            labels = torch.cat([labels, new_labels[:, None]], dim=1)
+            low_res = self._decode_clicks(features, coords, labels, mask_prompt)
+            logits.append(self._upsample(low_res))
+            mask_prompt = low_res.detach()
+        return logits
+
+    def _decode_clicks(
+        self, features: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, mask_prompt: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Decode each sample with its real clicks only (NO_CLICK entries dropped, none -> no points).
+
+        Samples with equal click counts share one decoder call.
+        """
+        clicked = labels != NO_CLICK
+        counts = clicked.sum(dim=1)
+        groups = counts.unique().tolist()
+        low = 4 * self.prompt_encoder.grid_size
+        out = None if len(groups) == 1 else features.new_empty(features.shape[0], 1, low, low, low)
+        for count in groups:
+            rows = (counts == count).nonzero().squeeze(1)
+            keep = clicked[rows]
+            points = None
+            if count > 0:
+                points = (coords[rows][keep].view(len(rows), count, 3), labels[rows][keep].view(len(rows), count))
+            prompt = None if mask_prompt is None else mask_prompt[rows]
+            low_res = self.decode(features[rows], points=points, mask_prompt=prompt)
+            if out is None:
+                return low_res
+            out = out.index_put((rows,), low_res)
+        return out
+
+    def _upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(low_res, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
+
+    def _check_decode_inputs(
+        self,
+        features: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        mask_prompt: torch.Tensor | None,
+    ) -> None:
+        dim, grid = self.prompt_encoder.dim, self.prompt_encoder.grid_size
+        if features.ndim != 5 or tuple(features.shape[1:]) != (dim, grid, grid, grid):
+            raise ValueError(f"expected features B x {dim} x {grid} x {grid} x {grid}, got {tuple(features.shape)}")
+        batch = features.shape[0]
+        if points is not None:
+            coords, labels = points
+            if coords.ndim != 3 or coords.shape[0] != batch or coords.shape[2] != 3 or (
+                tuple(labels.shape) != tuple(coords.shape[:2])
+            ):
+                raise ValueError(
+                    f"expected point coords {batch} x N x 3 and labels {batch} x N, "
+                    f"got {tuple(coords.shape)} and {tuple(labels.shape)}"
+                )
+        low = 4 * grid
+        if mask_prompt is not None and tuple(mask_prompt.shape) != (batch, 1, low, low, low):
+            raise ValueError(
+                f"expected mask_prompt {batch} x 1 x {low} x {low} x {low}, got {tuple(mask_prompt.shape)}"
+            )

@@ -1,0 +1,80 @@
+"""The samft_optuna sweeper: sqlite study, resume with new trials, failures, NaN, pruning, the report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+APP = Path(__file__).resolve().parent / "sweep_app" / "app.py"
+
+
+def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(APP), "-m", f"hydra.sweep.dir={sweep_dir}", *overrides],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def study(sweep_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name="app", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+
+
+def test_sweep_writes_a_sqlite_study_and_the_report(tmp_path: Path) -> None:
+    proc = sweep(tmp_path, "hydra.sweeper.pruner=none")
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert list(table["number"]) == [0, 1, 2]
+    assert list(table["objective"]) == pytest.approx([t.value for t in trials])
+    assert list(table["param:x"]) == pytest.approx([t.params["x"] for t in trials])
+    assert all(Path(d).name == f"trial_{n}" for n, d in zip(table["number"], table["run_dir"]))
+    best = max(trials, key=lambda t: t.value)
+    assert (tmp_path / "best_run.txt").read_text().strip().endswith(f"trial_{best.number}")
+    assert "best trial" in proc.stdout
+    assert (tmp_path / "optimization_history.png").stat().st_size > 0
+    assert (tmp_path / "param_importances.png").stat().st_size > 0
+
+
+def test_rerunning_continues_the_study_with_new_trials(tmp_path: Path) -> None:
+    sweep(tmp_path, "hydra.sweeper.pruner=none")
+    first = {t.number: t.params["x"] for t in study(tmp_path).trials}
+    # the same command again, as after a crash; the sampler seed is fixed in the config
+    sweep(tmp_path, "hydra.sweeper.pruner=none")
+    trials = study(tmp_path).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4, 5]
+    second = [t.params["x"] for t in trials[3:]]
+    assert not set(second) & set(first.values())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("trial_")) == [
+        f"trial_{n}" for n in range(6)
+    ]
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == 6
+
+
+def test_failed_and_nan_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep(tmp_path, "fail_trial=0", "nan_trial=1", "hydra.sweeper.n_trials=4")
+    states = [t.state for t in study(tmp_path).trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.FAIL,
+                      optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.COMPLETE]
+    assert not any(s == optuna.trial.TrialState.RUNNING for s in states)
+
+
+def test_a_trial_worse_than_the_median_is_pruned(tmp_path: Path) -> None:
+    sweep(tmp_path, "bad_trial=2", "hydra.sweeper.n_trials=3")
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials[:2]] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[2].state == optuna.trial.TrialState.PRUNED
+    assert list(trials[2].intermediate_values) == [1]  # stopped after its first epoch, not run to the 4th
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert table.loc[2, "state"] == "PRUNED"
+
+
+def test_pruner_none_never_prunes(tmp_path: Path) -> None:
+    sweep(tmp_path, "bad_trial=2", "hydra.sweeper.pruner=none")
+    assert study(tmp_path).trials[2].state == optuna.trial.TrialState.COMPLETE

@@ -1,0 +1,117 @@
+"""A whole smoke run writes every file of the run contract, with the right contents, and reproduces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from samft.config import validate
+
+pytestmark = pytest.mark.slow
+
+
+def run_module(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CACHE_HOME": str(Path(cwd or ".").resolve() / "cache")}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("smoke")
+    run_dir = root / "run"
+    proc = run_module("samft.train", "experiment=smoke", f"hydra.run.dir={run_dir}",
+                      f"data.demo_dir={root / 'demo'}", cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_run_writes_every_file_of_the_contract(smoke_run) -> None:
+    run_dir, proc = smoke_run
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "config.json",
+                 "best_model.pth", "latest_model.pth", "sam_encoder.pth", "summary.json", "stats.json",
+                 "train.log", "training_curves.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert f"run directory: {run_dir}" in proc.stdout
+    assert "best val/dice:" in proc.stdout
+
+
+def test_summary_holds_the_contract_keys_and_sane_values(smoke_run) -> None:
+    run_dir, _ = smoke_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metric_name"] == "val/dice"
+    assert 0.0 <= summary["best_metric"] <= 1.0
+    assert summary["best_epoch"] in (1, 2)
+    assert summary["epochs_run"] == 2 and summary["stop_reason"] == "completed"
+    assert summary["wall_time_s"] > 0 and summary["peak_memory_mb"] > 0
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    for record in summary["history"]:
+        assert record["train/loss"] > 0 and record["lr"] == pytest.approx(1e-4)
+        assert 0.0 <= record["val/dice"] <= 1.0
+    assert summary["best_metric"] == max(h["val/dice"] for h in summary["history"])
+    assert summary["seed"] == 42 and summary["packages"]["torch"] == torch.__version__
+    assert set(summary["git"]) == {"commit", "dirty"}
+    assert summary["skipped_samples"] == []
+    assert set(summary["events"]) >= {"oom", "nonfinite_loss"}
+
+
+def test_checkpoints_hold_the_full_state_and_the_config(smoke_run) -> None:
+    run_dir, _ = smoke_run
+    config = json.loads((run_dir / "config.json").read_text())
+    latest = torch.load(run_dir / "latest_model.pth", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "global_step", "best_metric", "rng",
+            "config", "history"} <= set(latest)
+    assert latest["epoch"] == 2 and latest["config"] == config
+    best = torch.load(run_dir / "best_model.pth", weights_only=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert best["epoch"] == summary["best_epoch"]
+    encoder = torch.load(run_dir / "sam_encoder.pth", weights_only=True)
+    for key, value in encoder["image_encoder_state_dict"].items():
+        torch.testing.assert_close(value, best["model"][f"image_encoder.{key}"], rtol=0, atol=0)
+
+
+def test_config_round_trips_through_hydra_folder(smoke_run) -> None:
+    run_dir, _ = smoke_run
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert OmegaConf.to_container(validate(saved), resolve=True) == json.loads((run_dir / "config.json").read_text())
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "experiment=smoke" in overrides
+
+
+def test_rerun_from_the_hydra_folder_composes_the_same_config(smoke_run, tmp_path: Path) -> None:
+    run_dir, _ = smoke_run
+    proc = run_module("samft.train", "--config-path", str(run_dir / ".hydra"), "--config-name", "config",
+                      "--cfg", "job", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout) == yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+
+
+def test_reproduce_reports_identical_metrics(smoke_run, tmp_path: Path) -> None:
+    run_dir, _ = smoke_run
+    proc = run_module("samft.reproduce", str(run_dir), "--output", str(tmp_path / "again"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reproduced: identical metrics" in proc.stdout
+    old = json.loads((run_dir / "summary.json").read_text())
+    new = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert new["best_metric"] == old["best_metric"]
+    assert [h["train/loss"] for h in new["history"]] == [h["train/loss"] for h in old["history"]]
+
+
+def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, tmp_path: Path) -> None:
+    run_dir, _ = smoke_run
+    before = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]
+    proc = run_module("samft.train", "experiment=smoke", f"hydra.run.dir={run_dir}", "epochs=2",
+                      f"data.demo_dir={run_dir.parent / 'demo'}", cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 2
