@@ -160,7 +160,7 @@ def test_offline_download_says_how_to_pass_a_local_file(monkeypatch):
 
 
 def test_unknown_model_name():
-    with pytest.raises(UserError, match=r"model.name='vit_h' is not one of \['sam_med3d', 'sam_med3d_tiny'\]"):
+    with pytest.raises(UserError, match=r"model.name='vit_h' is not one of \['sam_med3d', 'sam_med3d_tiny', 'unet'\]"):
         build_model(name="vit_h")
 
 

@@ -40,7 +40,10 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> None:
     print(f"best trial {best.number}: {best.value:.4f} {best.params}")
     print(f"best run directory: {best.user_attrs.get('run_dir')}")
     (sweep_dir / "best_run.txt").write_text(f"{best.user_attrs.get('run_dir')}\n")
-    _plots(study, sweep_dir, n_completed=len(completed))
+    try:
+        _plots(study, sweep_dir, n_completed=len(completed))
+    except (ImportError, ValueError, RuntimeError) as err:  # the study and the table are safe; say what is missing
+        log.warning("sweep plots not written: %s", err)
 
 
 def _plots(study: optuna.Study, sweep_dir: Path, *, n_completed: int) -> None:
@@ -53,10 +56,10 @@ def _plots(study: optuna.Study, sweep_dir: Path, *, n_completed: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna_plots.plot_optimization_history(study)
-        plt.savefig(sweep_dir / "optimization_history.png", bbox_inches="tight")
-        plt.close("all")
-        if n_completed >= 2 and study.best_trial.params:
-            _plot_importances(study, sweep_dir / "param_importances.png")
+    plt.savefig(sweep_dir / "optimization_history.png", bbox_inches="tight")
+    plt.close("all")
+    if n_completed >= 2 and study.best_trial.params:
+        _plot_importances(study, sweep_dir / "param_importances.png")
 
 
 def _plot_importances(study: optuna.Study, path: Path) -> None:
