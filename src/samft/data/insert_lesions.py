@@ -16,14 +16,15 @@ apart.
 Output (as ``samft.data.demo`` writes it): ``{split}.csv`` (``path,ich,patient_id``; one patient per
 volume, its stem), ``volumes/{stem}.pkl`` (``{"image": int16 HU, "affine": 4 x 4}``), ``masks/{stem}.nii.gz``
 (uint8 {0,1}, the CT's affine; empty for negatives) and ``{split}_lesions.csv`` (per mask: placement,
-volumes, blood HU, or why it was skipped). Every random draw comes from ``SeedSequence([seed, crc32(stem)])``,
-so a volume does not depend on the other masks given.
+volumes, blood HU, or why it was skipped). A volume's random draws come from ``SeedSequence([seed,
+crc32(stem)])`` (the shared noise fields from the seed alone), so it does not depend on the other masks given.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import logging
 import pickle
 import sys
@@ -54,6 +55,8 @@ EXTRA_NOISE = 0.5
 """Std of the noise added to every output volume, relative to the scan's own noise."""
 PSF_MM = 0.5
 """Gaussian sigma of the in-plane blur of a lesion's edge (a standard head kernel)."""
+HIGHPASS_SIGMA = 1.5
+"""Voxels; the in-plane residual ``hu - gaussian(hu)`` keeps the noise and drops most of the anatomy."""
 SPLITS = ("train", "val")
 MANIFEST_COLUMNS = (
     "stem", "ich", "status", "source_ml", "written_ml", "blood_hu", "shift_x", "shift_y", "rotation_deg", "flips",
@@ -126,10 +129,6 @@ def _gaussian_response(n: int, sigma: float) -> np.ndarray:
     return np.exp(-2.0 * np.pi**2 * sigma**2 * f**2)
 
 
-HIGHPASS_SIGMA = 1.5
-"""Voxels; the residual ``hu - gaussian(hu)`` keeps the noise and drops most of the anatomy."""
-
-
 def estimate_noise(hu: np.ndarray, brain: np.ndarray) -> NoiseModel:
     """Fit a ``NoiseModel`` to the parenchyma of a scan (``hu``, ``brain``: X x Y x Z).
 
@@ -192,7 +191,16 @@ class _Scan:
 
 def load_scan(ct_path: str | Path, *, sulci_mm: float = 0.0) -> _Scan:
     """Read a head CT (``.nii``, ``.nii.gz`` or ``.pkl`` with geometry), segment its brain (``brain_mask``),
-    fit its noise."""
+    fit its noise. The last scan is kept in memory (train and val calls share it) until its file changes."""
+    path = Path(ct_path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    stat = path.stat()
+    return _load_scan(str(path.resolve()), stat.st_mtime_ns, stat.st_size, sulci_mm)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_scan(ct_path: str, _mtime_ns: int, _size: int, sulci_mm: float) -> _Scan:
     volume = read_volume(ct_path)
     if not volume.has_geometry:
         raise UserError(
@@ -210,7 +218,10 @@ def load_scan(ct_path: str | Path, *, sulci_mm: float = 0.0) -> _Scan:
         )
     pool = np.maximum(1, np.floor(1.0 / spacing)).astype(int)  # ~1 mm blocks for the placement search
     origin, outside = _brain_blocks(brain, pool)
-    return _Scan(hu, volume.affine, brain, estimate_noise(hu, brain), pool, origin, outside)
+    scan = _Scan(hu, volume.affine, brain, estimate_noise(hu, brain), pool, origin, outside)
+    for array in (hu, brain, outside, scan.affine):  # shared by every call that gets it from the cache
+        array.setflags(write=False)
+    return scan
 
 
 def _brain_blocks(brain: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,9 +234,10 @@ def _brain_blocks(brain: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lower (inclusive) and upper (exclusive) index corners of the non-zero voxels."""
-    idx = np.nonzero(mask)
-    return np.array([i.min() for i in idx]), np.array([i.max() + 1 for i in idx])
+    """Lower (inclusive) and upper (exclusive) index corners of the non-zero voxels (some must exist)."""
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+             for axis in range(mask.ndim)]
+    return np.array([s[0] for s in spans]), np.array([s[-1] + 1 for s in spans])
 
 
 @dataclass(frozen=True)
@@ -362,16 +374,16 @@ def _insert(scan: _Scan, lesion: _Lesion, rng: np.random.Generator) -> _Insertio
 
 
 def _paint(scan: _Scan, image: np.ndarray, mask: np.ndarray, insertion: _Insertion, blood_hu: float,
-           rng: np.random.Generator) -> None:
+           noise_sigma: float, rng: np.random.Generator) -> None:
     """Blend the lesion into ``image`` (float32 X x Y x Z, in place) and set its voxels in ``mask``.
 
     Mixing weight ``w``: the occupancy blurred by the in-plane point spread; ``image <- (1 - w) image +
-    w blood + sqrt(1 - (1 - w)^2) noise``, which keeps the noise variance the scan's where the lesion
-    replaces tissue.
+    w blood + sqrt(1 - (1 - w)^2) noise`` (noise of ``noise_sigma``, the image's), which keeps the noise
+    variance of the image where the lesion replaces tissue.
     """
     sigma = [*(PSF_MM / scan.spacing[:2]), 0.0]
     weight = ndimage.gaussian_filter(insertion.occupancy, sigma=sigma, mode="constant")
-    noise = scan.noise.sample(rng, weight.shape)
+    noise = NoiseModel(noise_sigma, scan.noise.corr).sample(rng, weight.shape)
     lo = np.maximum(insertion.origin, 0)
     hi = np.minimum(insertion.origin + np.array(weight.shape), image.shape)
     inside = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -381,19 +393,62 @@ def _paint(scan: _Scan, image: np.ndarray, mask: np.ndarray, insertion: _Inserti
     mask[inside] |= insertion.label[box]
 
 
-class _NoiseBank:
-    """Extra scanner-like noise for whole volumes: two unit noise fields drawn once, each volume gets their
-    sum under random periodic shifts and sign (the same spectrum, a new pattern; far cheaper than a new draw)."""
+class _Variation:
+    """What sets output volumes apart besides the lesion: extra scanner-like noise (``EXTRA_NOISE`` times the
+    scan's) over the head and an in-plane shift of at most ``MAX_SHIFT_MM`` that keeps the brain in view.
+
+    The noise comes from two unit fields a bit larger than the head's box, drawn once: each volume gets the
+    sum of two random windows of them with a random sign (the same spectrum, a new pattern; far cheaper than
+    a new draw per volume).
+    """
+
+    PAD = 64
 
     def __init__(self, scan: _Scan, seed: int) -> None:
+        reach = np.floor(MAX_SHIFT_MM / scan.spacing[:2]).astype(int)
+        brain_lo, brain_hi = _bbox(scan.brain)
+        self.shift_lo = -np.minimum(reach, brain_lo[:2])
+        self.shift_hi = np.minimum(reach, np.array(scan.hu.shape[:2]) - brain_hi[:2])
+        self.air = float(scan.hu.min())
+        lo, hi = _bbox(scan.hu > self.air)
+        self.head = tuple(slice(a, b) for a, b in zip(lo, hi))
+        self.tissue = (scan.hu[self.head] > self.air).astype(np.float32)
         rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(b"noise bank")]))
         unit = NoiseModel(sigma=1.0, corr=scan.noise.corr)
-        self.fields = [unit.sample(rng, scan.hu.shape) for _ in range(2)]
-        self.scale = EXTRA_NOISE * scan.noise.sigma / np.sqrt(2.0)
+        shape = (*(n + self.PAD for n in self.tissue.shape[:2]), self.tissue.shape[2])
+        self.fields = [unit.sample(rng, shape) for _ in range(2)]
+        self.sigma = EXTRA_NOISE * scan.noise.sigma
 
-    def draw(self, rng: np.random.Generator) -> np.ndarray:
-        first, second = (np.roll(f, tuple(rng.integers(0, f.shape)), axis=(0, 1, 2)) for f in self.fields)
-        return (first + rng.choice([-1.0, 1.0]) * second) * np.float32(self.scale)
+    def add(self, image: np.ndarray, rng: np.random.Generator) -> None:
+        """Add a new draw to ``image`` (X x Y x Z float32, in place) over the head."""
+        nx, ny = self.tissue.shape[:2]
+        (ax, ay), (bx, by) = rng.integers(0, self.PAD + 1, size=(2, 2))
+        noise = self.fields[1][bx:bx + nx, by:by + ny] * np.float32(rng.choice([-1.0, 1.0]))
+        noise += self.fields[0][ax:ax + nx, ay:ay + ny]
+        noise *= self.tissue
+        noise *= np.float32(self.sigma / np.sqrt(2.0))
+        image[self.head] += noise
+
+    def shift(self, rng: np.random.Generator) -> tuple[int, int]:
+        """A random in-plane shift in voxels (axes 0 and 1)."""
+        return int(rng.integers(self.shift_lo[0], self.shift_hi[0] + 1)), int(
+            rng.integers(self.shift_lo[1], self.shift_hi[1] + 1))
+
+
+def _render(scan: _Scan, variation: _Variation, rng: np.random.Generator,
+            lesion: tuple[_Insertion, float] | None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """One output volume: the scan with extra noise, the lesion (insertion, blood HU) if any, shifted:
+    (int16 HU X x Y x Z, bool mask X x Y x Z, shift in voxels along axes 0 and 1)."""
+    image = scan.hu.copy()
+    variation.add(image, rng)
+    mask = np.zeros(image.shape, dtype=bool)
+    if lesion is not None:
+        _paint(scan, image, mask, *lesion, float(np.hypot(scan.noise.sigma, variation.sigma)), rng)
+    shift = variation.shift(rng)
+    np.rint(image, out=image)
+    np.clip(image, np.iinfo(np.int16).min, np.iinfo(np.int16).max, out=image)
+    return (_shift(image.astype(np.int16), (*shift, 0), variation.air), _shift(mask, (*shift, 0), False),
+            shift)
 
 
 def _shift(array: np.ndarray, shift: Sequence[int], fill: float) -> np.ndarray:
@@ -427,8 +482,8 @@ def insert_lesions(
 
     One volume per mask (its lesion inserted into the scan at ``ct_path``; a mask whose lesion does not fit
     in the brain in ``ORIENTATIONS`` orientations is skipped, logged as a warning and listed in
-    ``{split}_lesions.csv``) and ``negatives`` lesion-free volumes (default: half the inserted ones, so a
-    third of the split); ``sulci_mm``: see ``brain_mask``. The records are those that
+    ``{split}_lesions.csv``) and ``negatives`` lesion-free volumes (default: half the inserted ones, rounded
+    up: a third of the split); ``sulci_mm``: see ``brain_mask``. The records are those that
     ``samft.data.sources.csv_records`` returns for the written CSV.
     """
     if split not in SPLITS:
@@ -444,11 +499,13 @@ def insert_lesions(
     stems = [_stem(p) for p in paths]
     _check_names(out_dir, split, stems)
     scan = load_scan(ct_path, sulci_mm=sulci_mm)
-    bank = _NoiseBank(scan, seed)
+    variation = _Variation(scan, seed)
     (out_dir / "volumes").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     rows, manifest = [], []
     for index, (path, stem) in enumerate(zip(paths, stems)):
+        if index and index % 25 == 0:
+            log.info("%s: %d of %d masks done", split, index, len(paths))
         rng = _rng(seed, stem)
         lesion = _read_lesion(path)
         insertion = None if lesion is None else _insert(scan, lesion, rng)
@@ -461,23 +518,24 @@ def insert_lesions(
                              "source_ml": "" if lesion is None else round(lesion.volume_mm3 / 1000, 4)})
             continue
         blood_hu = float(rng.uniform(*BLOOD_HU))
-        image, mask = scan.hu.copy(), np.zeros(scan.hu.shape, dtype=bool)
-        _paint(scan, image, mask, insertion, blood_hu, rng)
-        shift = _write(scan, out_dir, stem, image, mask, bank, rng)
+        image, mask, shift = _render(scan, variation, rng, (insertion, blood_hu))
+        _save(out_dir, stem, image, mask, scan.affine)
         rows.append((stem, 1))
         manifest.append({
             "stem": stem, "ich": 1, "status": "inserted", "source_ml": round(lesion.volume_mm3 / 1000, 4),
-            "written_ml": round(mask.sum() * scan.voxel_mm3 / 1000, 4), "blood_hu": round(blood_hu, 2),
+            "written_ml": round(np.count_nonzero(mask) * scan.voxel_mm3 / 1000, 4), "blood_hu": round(blood_hu, 2),
             "shift_x": shift[0], "shift_y": shift[1], "rotation_deg": round(insertion.angle, 2),
             "flips": insertion.flips, "note": "",
         })
-        if (index + 1) % 25 == 0:
-            log.info("%s: %d of %d masks done", split, index + 1, len(paths))
-    count = round(len(rows) / 2) if negatives is None else negatives
+    count = (len(rows) + 1) // 2 if negatives is None else negatives
+    if not rows and not count:
+        raise UserError(f"no lesion of the {len(paths)} {split} mask(s) fits in the brain of {ct_path}; see the "
+                        "warnings above")
     for index in range(count):
         stem = _negative_stem(split, index)
         rng = _rng(seed, stem)
-        shift = _write(scan, out_dir, stem, scan.hu.copy(), np.zeros(scan.hu.shape, dtype=bool), bank, rng)
+        image, mask, shift = _render(scan, variation, rng, None)
+        _save(out_dir, stem, image, mask, scan.affine)
         rows.append((stem, 0))
         manifest.append({"stem": stem, "ich": 0, "status": "negative", "shift_x": shift[0], "shift_y": shift[1]})
     _write_csv(out_dir / f"{split}_lesions.csv", MANIFEST_COLUMNS, [[m.get(c, "") for c in MANIFEST_COLUMNS]
@@ -517,19 +575,11 @@ def _check_names(out_dir: Path, split: str, stems: list[str]) -> None:
             raise UserError(f"{', '.join(sorted(used)[:5])} already in {other}; a mask may be in one split only")
 
 
-def _write(scan: _Scan, out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, bank: _NoiseBank,
-           rng: np.random.Generator) -> tuple[int, int]:
-    """Add the extra noise, shift in-plane, save ``volumes/{stem}.pkl`` and ``masks/{stem}.nii.gz``."""
-    air = float(scan.hu.min())
-    image += np.where(scan.hu > air, bank.draw(rng), np.float32(0.0))
-    reach = np.floor(MAX_SHIFT_MM / scan.spacing[:2]).astype(int)
-    shift = [int(rng.integers(-r, r + 1)) for r in reach]
-    hu = np.clip(np.rint(_shift(image, [*shift, 0], air)), -1024, 3071).astype(np.int16)
+def _save(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> None:
+    """``volumes/{stem}.pkl`` ({"image": int16 HU, "affine"}) and ``masks/{stem}.nii.gz`` (uint8), as the demo."""
     with open(out_dir / "volumes" / f"{stem}.pkl", "wb") as f:
-        pickle.dump({"image": hu, "affine": scan.affine}, f, protocol=4)
-    label = _shift(mask, [*shift, 0], False).astype(np.uint8)
-    nib.save(nib.Nifti1Image(label, scan.affine), out_dir / "masks" / f"{stem}.nii.gz")
-    return shift[0], shift[1]
+        pickle.dump({"image": image, "affine": affine}, f, protocol=4)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), out_dir / "masks" / f"{stem}.nii.gz")
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -563,11 +613,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sulci-mm", type=float, default=0.0,
                         help="let lesions cover CSF gaps narrower than this (effaced sulci; default 0: never)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("samft").setLevel(logging.INFO)
     try:
         splits = [("train", _mask_files(args.masks, "--masks"))]
         if args.val_masks is not None:
             splits.append(("val", _mask_files(args.val_masks, "--val-masks")))
+            both = {_stem(p) for p in splits[0][1]} & {_stem(p) for p in splits[1][1]}
+            if both:
+                raise UserError(f"{', '.join(sorted(both)[:5])} in both --masks and --val-masks; a mask may be in "
+                                "one split only")
         for split, masks in splits:
             records = insert_lesions(ct_path=args.ct, mask_paths=masks, out_dir=args.out, split=split,
                                      seed=args.seed, negatives=args.negatives, sulci_mm=args.sulci_mm)
@@ -577,8 +632,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    log.info("train with: python -m samft.train data=csv data.train_csv=%s data.val_csv=%s data.mask_dir=%s",
-             args.out / "train.csv", args.out / "val.csv", args.out / "masks")
+    if (args.out / "val.csv").is_file():
+        log.info("train with: python -m samft.train data=csv data.train_csv=%s data.val_csv=%s data.mask_dir=%s",
+                 args.out / "train.csv", args.out / "val.csv", args.out / "masks")
 
 
 if __name__ == "__main__":
