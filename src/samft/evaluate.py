@@ -15,6 +15,7 @@ from samft.cli import exit_on_user_error, run_entry
 from samft.errors import UserError
 
 log = logging.getLogger("samft.evaluate")
+SIZE_BANDS_ML = (("under 1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), ("over 10 ml", 10.0, float("inf")))
 
 
 def case_metrics(pred, truth, affine) -> dict[str, float | bool]:
@@ -40,6 +41,27 @@ def case_metrics(pred, truth, affine) -> dict[str, float | bool]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over cases, and the same per true lesion-size band (`by_size`)."""
+    summary = _means(rows)
+    summary["by_size"] = {
+        name: _means([r for r in rows if r["positive"] and low <= r["true_volume_ml"] < high])
+        for name, low, high in SIZE_BANDS_ML
+    }
+    return summary
+
+
+def interior_click(truth) -> list[float] | None:
+    """The click a reader would give: the lesion voxel farthest from the lesion border, as [x, y, z, 1]."""
+    import numpy as np
+    from scipy.ndimage import distance_transform_edt
+
+    if not truth.any():
+        return None
+    depth = distance_transform_edt(truth > 0)
+    return [*map(float, np.unravel_index(int(depth.argmax()), truth.shape)), 1.0]
+
+
+def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
     positives = [r for r in rows if r["positive"]]
@@ -60,12 +82,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
-    import nibabel as nib  # noqa: F401  (fail early when missing)
+    import numpy as np
     import pandas as pd
     import torch
     from tqdm import tqdm
 
     from samft.data.readers import read_volume
+    from samft.engine.plots import save_overlay
     from samft.inference import Predictor
 
     ckpt = Path(cfg.ckpt)
@@ -74,15 +97,23 @@ def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
                           "cpu" if cfg.device == "auto" else cfg.device)
     predictor = Predictor(ckpt, device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)
     points = json.loads(Path(cfg.points).read_text()) if cfg.points else {}
+    output = Path(cfg.output)
+    (output / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
     for record in tqdm(records, desc="evaluate", unit="scan"):
         image = Path(record["image"])
-        prediction = predictor.predict(image, points=points.get(image.name))
+        scan = read_volume(image).array
+        truth = (read_volume(record["label"]).array > 0).astype(np.uint8) if record["label"] else np.zeros_like(
+            scan, dtype=np.uint8)
+        clicks = points.get(image.name)
+        if clicks is None and cfg.click_from_label and truth.any():
+            clicks = [interior_click(truth)]
+        prediction = predictor.predict(image, points=clicks)
         pred = prediction.mask(cfg.threshold)
-        truth = read_volume(record["label"]).array if record["label"] else pred * 0
-        rows.append({"case_id": record["case_id"], **case_metrics(pred, truth, prediction.affine)})
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+        rows.append({"case_id": record["case_id"], "mode": "click" if clicks else "auto",
+                     **case_metrics(pred, truth, prediction.affine)})
+        save_overlay(scan, truth, pred, output / "overlays" / f"{record['case_id']}.png",
+                     title=f"{record['case_id']}: Dice {rows[-1]['dice']:.2f}")
     pd.DataFrame(rows).to_csv(output / "per_case.csv", index=False)
     summary = summarize(rows)
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
