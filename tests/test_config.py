@@ -41,7 +41,7 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     if group in ("data", "model", "optim", "scheduler", "hardware", "logger"):
         assert typed[group].get("name", typed[group].get("source")) == option or group in ("hardware",)
     if group == "hardware":
-        assert typed.hardware.precision == {"cpu": "fp32", "gpu": "bf16"}[option]
+        assert typed.hardware.precision == {"cpu": "fp32", "gpu": "bf16", "ddp": "bf16"}[option]
 
 
 def test_defaults_match_the_predecessor_flags() -> None:

@@ -88,6 +88,8 @@ class HardwareConfig:
     nproc_per_node: int = 1
     backend: str = "auto"
     deterministic: bool = True
+    # minutes a rank waits in a collective (for a crashed or stuck peer, or rank 0 reading the data) before failing
+    timeout_min: float = 30.0
 
 
 @dataclass
@@ -176,6 +178,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "scheduler.gamma": (0.0, 1.0, True),
     "hardware.num_workers": (0, None, False),
     "hardware.nproc_per_node": (1, None, False),
+    "hardware.timeout_min": (0.0, None, True),
     "logger.log_freq": (1, None, False),
     "epochs": (1, None, False),
     "patience": (1, None, False),

@@ -45,6 +45,7 @@ class Predictor:
         if "model" not in config or "data" not in config:
             raise UserError(f"{ckpt} holds no training config; pass a best_model.pth or latest_model.pth of a run")
         model_cfg, data_cfg = config["model"], config["data"]
+        self.prompt_mode = model_cfg.get("prompt_mode", "click")
         self.model = build_model(name=model_cfg["name"], visual_tokens=model_cfg["visual_tokens"])
         self.model.load_state_dict(state["model"])
         self.model.to(device).eval()

@@ -84,7 +84,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def reproduce(run_dir: Path, output: Path | None = None) -> tuple[Path, list[str]]:
     """Re-run `run_dir` into `output` (default: a sibling `<name>_reproduced_<time>`); returns the differences."""
-    from samft.runner import train_in
+    from samft.runner import train_at
 
     run_dir = run_dir.resolve()
     old_summary_path = run_dir / "summary.json"
@@ -97,7 +97,7 @@ def reproduce(run_dir: Path, output: Path | None = None) -> tuple[Path, list[str
     output.mkdir(parents=True)
     _log_to(output / "train.log")
     OmegaConf.save(cfg, output / "reproduced_config.yaml")
-    train_in(cfg, output)
+    train_at(cfg, output)
     old = json.loads(old_summary_path.read_text())
     new = json.loads((output / "summary.json").read_text())
     return output, compare(old, new)

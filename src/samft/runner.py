@@ -1,7 +1,8 @@
 """One training run: validated config -> data, model, optimiser, Trainer -> run directory -> objective.
 
 This is the only module besides the entry points that reads the DictConfig; everything it builds takes
-typed arguments.
+typed arguments. With `hardware.distributed=true` every rank runs `train_in` (samft.distributed says how the
+ranks are started); rank 0 alone reads the data sources and writes files.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from samft import distributed
+from samft.cli import in_multirun
 from samft.config import risky_settings, validate
 from samft.errors import UserError
 from samft.provenance import provenance
@@ -23,60 +26,125 @@ log = logging.getLogger("samft")
 
 def train(cfg: DictConfig) -> float:
     """Run one training job and return the best validation metric (always finite, for Optuna)."""
-    typed = validate(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return train_in(typed, run_dir)
+    return train_at(validate(cfg), Path(HydraConfig.get().runtime.output_dir))
+
+
+def train_at(cfg: DictConfig, run_dir: Path) -> float:
+    """Train with an already validated config into `run_dir`: in this process, or with hardware.distributed on
+    every rank (see `_train_distributed`)."""
+    if cfg.hardware.distributed:
+        return _train_distributed(cfg, run_dir)
+    return train_in(cfg, run_dir)
+
+
+def _train_distributed(cfg: DictConfig, run_dir: Path) -> float:
+    """Join the ranks started by torchrun or submitit, or spawn `hardware.nproc_per_node` local workers.
+
+    Spawned workers get the config as plain data (a DictConfig still refers to Hydra, which they lack) and the
+    parent returns rank 0's objective, so `-m` sweeps see one job per trial.
+    """
+    device_type = _device(cfg.hardware.device).type
+    backend = distributed.backend_for(cfg.hardware.backend, device_type)
+    timeout = cfg.hardware.timeout_min
+    launcher = distributed.external_launcher()
+    if launcher is None:
+        nprocs, gpus = cfg.hardware.nproc_per_node, _gpu_count()
+        if backend == "nccl" and nprocs > gpus:  # NCCL needs a GPU per rank; gloo may share one
+            raise UserError(f"hardware.nproc_per_node={nprocs} but {gpus} GPUs are visible; "
+                            f"set hardware.nproc_per_node={gpus} or fewer")
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        return distributed.spawn(_train_spawned, args=(resolved, str(run_dir)), nprocs=nprocs, backend=backend,
+                                 timeout_min=timeout)
+    if launcher == "torchrun" and in_multirun():
+        raise UserError("torchrun with -m runs one sweep per rank; sweep without torchrun "
+                        "(hardware=ddp spawns each trial's workers) or with hydra/launcher=slurm")
+    if launcher == "submitit":
+        distributed.export_submitit_environment()
+    with distributed.process_group(backend=backend, timeout_min=timeout):
+        distributed.keep_logs_on_main()
+        return train_in(cfg, distributed.agree_on_run_dir(run_dir))
+
+
+def _train_spawned(resolved: dict, run_dir: str) -> float:
+    """One spawned rank (its process group is up): `train_in` with the config rebuilt from plain data."""
+    # MONAI imports optuna and so alembic, which logs its set-up at INFO; a Hydra parent imported it before
+    # configuring logging, a worker after.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return train_in(validate(OmegaConf.create(resolved)), Path(run_dir))
 
 
 def train_in(cfg: DictConfig, run_dir: Path) -> float:
-    """Train with an already validated config into `run_dir`; see `train`."""
-    import torch
-
+    """This process's part of a run (the whole run without a process group); see `train_at`."""
     from samft.builders import build_logger, optimizer_and_scheduler, preprocessing, train_settings
     from samft.data.datamodule import build_dataloaders
     from samft.data.records import load_records
     from samft.engine import Trainer, system_check
-    from samft.export import save_encoder
     from samft.model import build_model
     from samft.seeding import seed_everything
 
+    main = distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.hardware.device)
-    for warning in risky_settings(cfg) + system_check(run_dir, device=str(device)):
-        log.warning(warning)
+    if device.type == "cuda" and distributed.is_active():
+        device = distributed.cuda_device()
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    if main:
+        for warning in risky_settings(cfg) + system_check(run_dir, device=str(device)):
+            log.warning(warning)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     seed_everything(cfg.seed, deterministic=cfg.hardware.deterministic)
 
-    data = load_records(cfg.data, seed=cfg.seed, run_dir=run_dir)
+    # Rank 0 reads, checks and describes the data (writing stats.json); the other ranks take its records.
+    data = distributed.broadcast(load_records(cfg.data, seed=cfg.seed, run_dir=run_dir) if main else None)
     train_loader, val_loader = build_dataloaders(
         train_records=data.train, val_records=data.val, preprocessing=preprocessing(cfg.data, data.norm_stats),
         batch_size=cfg.data.batch_size, num_workers=cfg.hardware.num_workers, cache=cfg.data.cache,
         cache_dir=cfg.data.cache_dir or run_dir / "cache", seed=cfg.seed,
-        pin_memory=cfg.hardware.pin_memory and device.type == "cuda",
+        pin_memory=cfg.hardware.pin_memory and device.type == "cuda", distributed=distributed.is_active(),
     )
     model = build_model(
         name=cfg.model.name, visual_tokens=cfg.model.visual_tokens,
         gradient_checkpointing=cfg.model.gradient_checkpointing, checkpoint=cfg.model.checkpoint,
         freeze_encoder=cfg.model.freeze_encoder,
     ).to(device)
+    _freeze_heads_without_loss(model, ich_loss_weight=cfg.model.ich_loss_weight)
     if getattr(model, "img_size", cfg.data.roi_size) != cfg.data.roi_size:
         raise UserError(f"data.roi_size={cfg.data.roi_size} but model={cfg.model.name} takes "
                         f"{model.img_size}^3 crops; set data.roi_size={model.img_size}")
     optimizer, scheduler = optimizer_and_scheduler(cfg, model, batches_per_epoch=len(train_loader))
     settings = train_settings(cfg, device)
-    resume_from = _resume_path(cfg.resume, run_dir)
+    resume_from = distributed.broadcast(_resume_path(cfg.resume, run_dir))
     logger = build_logger(cfg.logger, run_dir=run_dir, config=resolved)
     extra = {**provenance(cfg.seed), "skipped_samples": data.skipped, "data_warnings": data.warnings}
+    # SAM-Med3D has parameters that get no gradient in some or all steps (the extra mask-token hypernetworks,
+    # the IoU head, unused prompt embeddings, a head whose loss weight is 0); the U-Net uses all of its own.
+    wrapped = distributed.wrap_model(model, device=device, find_unused_parameters=cfg.model.name != "unet")
     try:
         trainer = Trainer(
-            model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+            model=wrapped, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             val_loader=val_loader, settings=settings, run_dir=run_dir, logger=logger,
-            resolved_config=resolved, extra_summary=extra, epoch_callback=_pruning_callback(cfg),
+            resolved_config=resolved, extra_summary=extra, epoch_callback=_pruning_callback(cfg) if main else None,
         )
         summary = trainer.fit(resume_from=resume_from)
     finally:
         logger.close()
+    if main:
+        _finish(cfg, model, run_dir, summary)
+    objective = summary["best_metric"]
+    if summary["stop_reason"] == "pruned":
+        _raise_pruned(cfg)
+    if objective is None or not math.isfinite(objective):
+        raise UserError(f"run {run_dir} stopped ({summary['stop_reason']}) without a finite {summary['metric_name']}; "
+                        "its log and summary.json say why, and resume=auto continues it")
+    return objective
+
+
+def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict) -> None:
+    """Rank 0: export the best weights' encoder and print where the run is and how it ended."""
+    import torch
+
+    from samft.export import save_encoder
+
     best = run_dir / "best_model.pth"
     if best.exists():
         state = torch.load(best, map_location="cpu", weights_only=True)
@@ -88,12 +156,6 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
     print(f"run directory: {run_dir}")
     shown = "none (no validation finished)" if objective is None else f"{objective:.4f} (epoch {summary['best_epoch']})"
     print(f"best {summary['metric_name']}: {shown}, stop reason: {summary['stop_reason']}")
-    if summary["stop_reason"] == "pruned":
-        _raise_pruned(cfg)
-    if objective is None or not math.isfinite(objective):
-        raise UserError(f"run {run_dir} stopped ({summary['stop_reason']}) without a finite {summary['metric_name']}; "
-                        "its log and summary.json say why, and resume=auto continues it")
-    return objective
 
 
 def _device(name: str):
@@ -104,6 +166,22 @@ def _device(name: str):
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("hardware.device=cuda but no CUDA GPU is visible; use hardware=cpu")
     return torch.device(name)
+
+
+def _freeze_heads_without_loss(model, *, ich_loss_weight: float) -> None:
+    """With ich_loss_weight=0 no loss reaches the ICH head nor the representation head feeding it. Frozen, they
+    stay out of the optimiser (as in one process, where they get no gradient) and out of DDP's gradient sync,
+    which would otherwise wait for them, because `segment` still returns the ICH logit."""
+    if ich_loss_weight == 0:
+        for name in ("ich_head", "representation_head"):
+            if hasattr(model, name):
+                getattr(model, name).requires_grad_(False)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _resume_path(resume: str, run_dir: Path) -> Path | None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 EVENT_KINDS = ("oom", "oom_split", "nonfinite_loss", "skipped_steps", "fp16_overflow")
+# Another rank's micro-step failed, so this rank skips the window too (counted by the rank that failed).
+PEER_FAILURE = "peer_failure"
 
 
 @dataclass(frozen=True)

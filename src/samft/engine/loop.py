@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from samft import distributed
 from samft.engine.batches import batch_size, plain_tensor, split_batch
 from samft.engine.checkpoint import (
     BEST,
@@ -32,11 +33,11 @@ from samft.engine.checkpoint import (
     unwrap,
 )
 from samft.engine.determinism import VALIDATION_STREAM, derive_seed, seed_loader
-from samft.engine.faults import EVENT_KINDS, Failure, free_memory
+from samft.engine.faults import EVENT_KINDS, PEER_FAILURE, Failure, free_memory
 from samft.engine.interrupts import GracefulInterrupt
 from samft.engine.loggers import NoneLogger, RunLogger
 from samft.engine.losses import SegmentationLoss
-from samft.engine.metrics import ValidationResult, evaluate
+from samft.engine.metrics import CaseScores, ValidationResult, evaluate
 from samft.engine.monitor import EpochMeter, Progress, peak_memory_mb
 from samft.engine.optim import Schedule
 from samft.engine.plots import plot_curves, save_overlay
@@ -78,8 +79,15 @@ class Trainer:
     Ctrl-C: the first one finishes the running optimiser step and saves `latest_model.pth` with the position in
     the epoch (a resume replays the epoch's data order and continues exactly); a second one aborts at once and
     keeps the last epoch's checkpoint. The click generator lives on `settings.device`, seeded with
-    `settings.seed`; validation clicks come from a fresh generator seeded per run, so they are the same every
-    epoch.
+    `settings.seed`; validation clicks come from a generator seeded per validation batch (run seed, batch
+    number), so they are the same every epoch and for any number of processes.
+
+    Under torch.distributed (process group up, model wrapped in DDP, train loader sharded) every rank runs
+    this loop in step: rank 0 alone writes checkpoints, summary, pictures, the tracker and the log, and runs
+    `epoch_callback` (its answer is broadcast); each rank validates every world_size-th batch of `val_loader`
+    and the per-case scores are gathered before averaging; a Ctrl-C on any rank and a failed micro-step on any
+    rank stop or skip on all of them (no halving of batches: `oom_policy=halve` acts as skip); a checkpoint holds
+    every rank's random state and place in the epoch, so all ranks resume from the one file exactly.
     """
 
     def __init__(
@@ -103,9 +111,11 @@ class Trainer:
         self.optimizer = optimizer
         self.schedule = scheduler
         self.train_loader = train_loader
-        self.val_loader = val_loader
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.val_loader = distributed.shard_batches(val_loader) if self.world_size > 1 else val_loader
         self.run_dir = Path(run_dir)
-        self.logger = logger or NoneLogger()
+        self.logger = (logger or NoneLogger()) if self.is_main else NoneLogger()
         self.config = _plain_data(resolved_config or {}, "resolved_config")
         self.extra_summary = dict(extra_summary or {})
         self.epoch_callback = epoch_callback
@@ -145,7 +155,8 @@ class Trainer:
         return summary
 
     def _run_interruptible(self) -> str:
-        progress = Progress(epochs=self.settings.epochs, done=self.epoch, enabled=self.settings.progress)
+        enabled = self.settings.progress and self.is_main
+        progress = Progress(epochs=self.settings.epochs, done=self.epoch, enabled=enabled)
         try:
             with GracefulInterrupt() as interrupt:
                 return self._run(interrupt, progress)
@@ -158,7 +169,7 @@ class Trainer:
 
     def _run(self, interrupt: GracefulInterrupt, progress: Progress) -> str:
         while self.epoch < self.settings.epochs:
-            if interrupt.requested:
+            if self._interrupted(interrupt):
                 return "interrupted"
             if self.stopping.should_stop:  # resumed from a run that had already stopped early
                 return "early_stopping"
@@ -204,7 +215,8 @@ class Trainer:
         meter = EpochMeter(self.device)
         meter.start()
         progress.start_epoch(epoch, min(len(self.train_loader), limit * k), done=state.batches_done)
-        while state.windows_done < limit and not interrupt.requested:
+        stop = self._interrupted(interrupt)
+        while state.windows_done < limit and not stop:
             window = list(islice(batches, k))
             if not window:
                 break
@@ -230,10 +242,15 @@ class Trainer:
                 state.loss_sum += loss * size
                 state.samples += size
             progress.advance(len(window), loss=f"{loss:.4f}" if loss is not None else "skipped")
-        if interrupt.requested and state.windows_done < limit and state.batches_done < len(self.train_loader):
+            stop = self._interrupted(interrupt)
+        if stop and state.windows_done < limit and state.batches_done < len(self.train_loader):
             return "interrupted"
         state.stats = meter.stop(state.seen)
         return None
+
+    def _interrupted(self, interrupt: GracefulInterrupt) -> bool:
+        """Whether a Ctrl-C reached any rank (all ranks call this at the same points and agree)."""
+        return distributed.any_rank(interrupt.requested) if self.world_size > 1 else interrupt.requested
 
     def _train_window(self, window: list[dict[str, Any]]) -> float | None:
         """One optimiser update from the micro-batches of an accumulation window; None if the window failed.
@@ -249,7 +266,8 @@ class Trainer:
             result = self._micro_step(batch, weight, sync=not pending)
             if isinstance(result, Failure):
                 free_memory(self.device)
-                self.events[result.kind] += 1
+                if result.kind != PEER_FAILURE:
+                    self.events[result.kind] += 1
                 if result.splittable and self.settings.oom_policy == "halve" and batch_size(batch) > 1:
                     halves = split_batch(batch)
                     pending[:0] = [(half, weight * batch_size(half) / batch_size(batch)) for half in halves]
@@ -278,7 +296,13 @@ class Trainer:
         return window_loss
 
     def _micro_step(self, batch: dict[str, Any], weight: float, *, sync: bool) -> float | Failure:
-        """Forward and backward of one micro-batch; returns its weighted loss or what went wrong."""
+        """Forward and backward of one micro-batch; returns its weighted loss or what went wrong.
+
+        With several ranks, all agree before each backward whether every forward succeeded, so a failure on one
+        rank skips the window on all (none is left waiting in the gradient all-reduce of the last micro-step).
+        A failed backward is announced at the others' next agreement; one in the synchronising backward cannot be
+        taken back and ends the run.
+        """
         image = plain_tensor(batch["image"]).to(self.device, non_blocking=True)
         label = plain_tensor(batch["label"]).to(self.device, non_blocking=True)
         ich = plain_tensor(batch["ich"]).to(self.device, non_blocking=True)
@@ -286,6 +310,7 @@ class Trainer:
             self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not sync else nullcontext()
         )
         with no_sync:
+            failure = None
             try:
                 with self.autocast():
                     output = _segment(
@@ -293,13 +318,22 @@ class Trainer:
                     )
                     loss = self.loss_fn(output, label, ich) * weight
             except torch.OutOfMemoryError:
-                return Failure("oom", splittable=True)
-            value = loss.item()
-            if not math.isfinite(value):
-                return Failure("nonfinite_loss")
+                failure = Failure("oom", splittable=self.world_size == 1)
+            else:
+                value = loss.item()
+                if not math.isfinite(value):
+                    failure = Failure("nonfinite_loss")
+            if self.world_size > 1 and distributed.any_rank(failure is not None) and failure is None:
+                failure = Failure(PEER_FAILURE)
+            if failure is not None:
+                return failure
             try:
                 self.scaler.scale(loss).backward()
             except torch.OutOfMemoryError:
+                if self.world_size > 1:
+                    if sync:
+                        raise
+                    distributed.any_rank(True)
                 return Failure("oom")
         return value
 
@@ -307,11 +341,12 @@ class Trainer:
     def _end_epoch(self, epoch: int, progress: Progress) -> str | None:
         """Validate, step the schedule, track the best, checkpoint, publish; returns a stop reason if any."""
         state = self.progress_in_epoch
+        loss_sum, samples = distributed.sum_over_ranks(state.loss_sum, state.samples)
         record: dict[str, Any] = {
             "epoch": epoch,
             "lr": state.lrs[0],
             **{f"lr/group{i}": lr for i, lr in enumerate(state.lrs[1:], start=1)},
-            "train/loss": state.loss_sum / state.samples if state.samples else None,
+            "train/loss": loss_sum / samples if samples else None,
             "train/steps": self.global_step,
             **state.stats,
         }
@@ -339,7 +374,12 @@ class Trainer:
         shown = ("train/loss", self.settings.monitor)
         progress.end_epoch(**{k: f"{record[k]:.4f}" for k in shown if record.get(k) is not None})
         stop = None
-        if result is not None and self.epoch_callback is not None and self.epoch_callback(epoch, dict(result.metrics)):
+        pruned = False
+        if result is not None:
+            if self.is_main and self.epoch_callback is not None:
+                pruned = bool(self.epoch_callback(epoch, dict(result.metrics)))
+            pruned = distributed.broadcast(pruned)
+        if pruned:
             log.info("epoch %d: stopped by the epoch callback (pruned)", epoch)
             stop = "pruned"
         elif self.stopping.should_stop:
@@ -357,8 +397,11 @@ class Trainer:
         return stop
 
     def _validate(self) -> ValidationResult:
-        # A fresh generator per validation: the same clicks every epoch, independent of training randomness.
-        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.settings.seed, VALIDATION_STREAM))
+        # Clicks seeded per batch (independent of training randomness): the same every epoch, and the same for a
+        # batch whichever rank validates it (rank r takes the batches r, r + world_size, ...).
+        def batch_seed(index: int) -> int:
+            return derive_seed(self.settings.seed, VALIDATION_STREAM, self.rank + index * self.world_size)
+
         return evaluate(
             unwrap(self.model),
             self.val_loader,
@@ -367,7 +410,9 @@ class Trainer:
             prompt_mode=self.settings.prompt_mode,
             device=self.device,
             autocast=self.autocast,
-            generator=generator,
+            generator=torch.Generator(device=self.device),
+            batch_seed=batch_seed,
+            gather=_gather_over_ranks if self.world_size > 1 else None,
             default_spacing=self.settings.spacing,
         )
 
@@ -377,7 +422,7 @@ class Trainer:
         self.logger.log_metrics(numbers, step=epoch)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k not in ("epoch", "train/steps"))
         log.info("epoch %d/%d: %s", epoch, self.settings.epochs, shown)
-        if epoch % self.settings.log_freq:
+        if epoch % self.settings.log_freq or not self.is_main:
             return
         plot_curves(self.history, self.run_dir / CURVES)
         if self.settings.log_images and result is not None and result.example is not None:
@@ -390,8 +435,12 @@ class Trainer:
     def _save(self, *, best: bool = False) -> dict[str, Any]:
         """latest_model.pth now (mid-epoch when `progress_in_epoch` is set); best_model.pth as a copy if `best`.
 
-        Returns the RNG states written into the checkpoint."""
+        Returns the RNG states written into the checkpoint (rank 0 alone writes; the file holds every rank's)."""
         position = asdict(self.progress_in_epoch) if self.progress_in_epoch is not None else None
+        rng = capture_rng(self.clicks)
+        ranks = distributed.all_gather({"rng": rng, "position": position}) if self.world_size > 1 else None
+        if not self.is_main:
+            return rng
         state = {
             "format": FORMAT,
             "model": unwrap(self.model).state_dict(),
@@ -401,13 +450,14 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "position": position,
+            "ranks": ranks,
             "metric_name": self.settings.monitor,
             "best_metric": self.stopping.best,
             "best_epoch": self.stopping.best_epoch,
             "early_stopping": self.stopping.state_dict(),
             "history": self.history,
             "events": dict(self.events),
-            "rng": capture_rng(self.clicks),
+            "rng": rng,
             "logger_run_id": self.logger.run_id,
             "config": self.config,
             "elapsed_s": self._elapsed(),
@@ -416,7 +466,7 @@ class Trainer:
         save_checkpoint(state, latest)
         if best:
             copy_checkpoint(latest, self.run_dir / BEST)
-        return state["rng"]
+        return rng
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -443,8 +493,8 @@ class Trainer:
         self.events.update(state["events"])
         self._logger_run_id = state["logger_run_id"]
         self._elapsed_before = state["elapsed_s"]
-        position = EpochProgress(**state["position"]) if state["position"] is not None else None
-        self._resume = (position, state["rng"])
+        position, rng = self._own_place(state, path)
+        self._resume = (EpochProgress(**position) if position is not None else None, rng)
         log.info(
             "resumed from %s: epoch %d done, %d optimiser steps, best %s=%s",
             path,
@@ -453,6 +503,24 @@ class Trainer:
             self.settings.monitor,
             self.stopping.best,
         )
+
+    def _own_place(self, state: dict[str, Any], path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """This rank's place in the epoch and random state from a checkpoint (rank 0's in a one-process file)."""
+        ranks = state.get("ranks")
+        saved_by = len(ranks) if ranks else 1
+        if saved_by == self.world_size:
+            own = ranks[self.rank] if ranks else state
+            return own["position"], own["rng"]
+        if state["position"] is not None:
+            raise UserError(
+                f"checkpoint {path} was saved mid-epoch by {saved_by} processes and this run has {self.world_size}; "
+                f"resume with hardware.nproc_per_node={saved_by} (or as many torchrun ranks)"
+            )
+        log.warning(
+            "checkpoint %s was written by %d processes, this run has %d: training continues from its weights, but "
+            "the data order and clicks differ from an uninterrupted run", path, saved_by, self.world_size,
+        )
+        return None, state["rng"]
 
     def _elapsed(self) -> float:
         return self._elapsed_before + time.monotonic() - self._started
@@ -472,6 +540,8 @@ class Trainer:
             "history": self.history,
         }
         summary = _json_safe(summary)
+        if not self.is_main:
+            return summary
         tmp = self.run_dir / f".{SUMMARY}.tmp"
         tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
         os.replace(tmp, self.run_dir / SUMMARY)
@@ -495,6 +565,10 @@ def _segment(model: torch.nn.Module, image: torch.Tensor, **kwargs: Any) -> Any:
     if isinstance(model, DistributedDataParallel):
         return model(image, **kwargs)
     return model.segment(image, **kwargs)
+
+
+def _gather_over_ranks(scores: CaseScores) -> CaseScores:
+    return CaseScores.merge(distributed.all_gather(scores))
 
 
 def _plain_data(value: Mapping[str, Any], name: str) -> dict[str, Any]:

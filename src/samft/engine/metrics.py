@@ -25,6 +25,19 @@ class CaseScores:
     ich_scores: list[float] = field(default_factory=list)
     ich_labels: list[int] = field(default_factory=list)
 
+    @classmethod
+    def merge(cls, parts: Sequence[CaseScores]) -> CaseScores:
+        """The cases of all `parts` (e.g. one per rank) in one CaseScores."""
+        merged = cls(dice={k: [] for k in parts[0].dice})
+        for part in parts:
+            for k, values in part.dice.items():
+                merged.dice[k] += values
+            merged.hd95_mm += part.hd95_mm
+            merged.fp_volume_ml += part.fp_volume_ml
+            merged.ich_scores += part.ich_scores
+            merged.ich_labels += part.ich_labels
+        return merged
+
 
 class SegmentationMetrics:
     """Accumulates validation batches and averages over cases.
@@ -118,12 +131,20 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager[Any]],
     generator: torch.Generator,
     default_spacing: Sequence[float],
+    batch_seed: Callable[[int], int] | None = None,
+    gather: Callable[[CaseScores], CaseScores] | None = None,
 ) -> ValidationResult:
-    """Run `model.segment` with `rounds` click rounds on every validation batch and average the metrics."""
+    """Run `model.segment` with `rounds` click rounds on every validation batch and average the metrics.
+
+    `batch_seed(i)`: seeds `generator` before the i-th batch (else its stream runs on across batches).
+    `gather`: combines the per-case scores with those of other processes (each holding a shard) before averaging.
+    """
     model.eval()
     metrics = SegmentationMetrics(val_clicks=val_clicks, prompt_mode=prompt_mode)
     example = None
-    for batch in loader:
+    for index, batch in enumerate(loader):
+        if batch_seed is not None:
+            generator.manual_seed(batch_seed(index))
         image = plain_tensor(batch["image"]).to(device, non_blocking=True)
         label = plain_tensor(batch["label"]).to(device, non_blocking=True)
         with autocast():
@@ -137,6 +158,8 @@ def evaluate(
         )
         if example is None:
             example = _first_positive(image, label, prediction_after(output.logits, metrics.monitored_clicks))
+    if gather is not None:
+        metrics.scores = gather(metrics.scores)
     return ValidationResult(metrics.compute(), example)
 
 

@@ -1,0 +1,141 @@
+"""Every benchmark script runs on tiny sizes and prints its header and ratio lines; the shared helpers behave.
+
+The scripts run as subprocesses (as users run them) with one torch thread, which is faster and steadier on a
+loaded CPU. Their figures are not checked (benchmarks are not timed tests), only that they are produced.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+RATIO = re.compile(r"^ratio .+ = \d+\.\d+x", re.MULTILINE)
+
+
+def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600, check=False)
+    if check:
+        assert result.returncode == 0, f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        assert "commit" in result.stdout and "machine" in result.stdout, result.stdout
+    return result
+
+
+def load(name: str) -> ModuleType:
+    """A benchmark module imported from its file (benchmarks/ on sys.path for its `import common`)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def test_ratio_line_states_the_ratio_and_whether_the_goal_is_met() -> None:
+    common = load("common")
+    assert common.ratio_line("t", 1.2, 1.0, unit="s", goal=1.3) == "ratio t: 1.2 s / 1 s = 1.200x (goal <= 1.3x: met)"
+    assert common.ratio_line("t", 1.4, 1.0, unit="s", goal=1.3).endswith("= 1.400x (goal <= 1.3x: NOT met)")
+    fast = common.ratio_line("speed", 3.0, 1.0, unit="samples/s", goal=2, higher_is_better=True)
+    assert fast.endswith("= 3.000x (goal >= 2x: met)")
+    assert common.ratio_line("m", 1.0, 4.0, unit="MiB") == "ratio m: 1 MiB / 4 MiB = 0.250x"
+
+
+def test_peak_tree_memory_sees_a_child_process_allocation() -> None:
+    common = load("common")
+    code = "import time; block = b\"x\" * (300 * 2**20); time.sleep(1.5)"  # 300 MiB, written
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, "
+                               f"'-c', {code!r}])"])
+    with common.PeakTreeMemory(parent.pid, interval=0.1) as memory:
+        parent.wait()
+        time.sleep(0.2)
+    assert memory.pss > 300 * 2**20
+
+
+def test_gpu_plan_measures_the_goal_pair_first_and_matches_medim_rows() -> None:
+    gpu = load("gpu")
+    args = type("Args", (), {"quick": False, "batches": "1,2,4,8", "precisions": "fp32,bf16,fp16"})()
+    rows = gpu.plan(args)
+    assert len(rows) == 4 * 3 * len(gpu.FULL_VARIANTS)
+    assert [(b, p, v.impl) for b, p, v in rows[:2]] == [(2, "bf16", "ours"), (2, "bf16", "medim")]
+    assert [(b, p) for b, p, _ in rows[len(gpu.FULL_VARIANTS):][:1]] == [(1, "fp32")]
+    quick = gpu.plan(type("Args", (), {"quick": True, "batches": "", "precisions": ""})())
+    assert {(b, p, v.impl) for b, p, v in quick} == {(2, "bf16", "ours"), (2, "bf16", "medim"), (2, "fp32", "ours"),
+                                                     (2, "fp32", "medim")}
+    done = [{"impl": "medim", "status": "ok", "frozen": f, "batch": 2, "precision": "bf16"} for f in (False, True)]
+    assert gpu.medim_row(done, {"frozen": True, "batch": 2, "precision": "bf16"}) is done[1]
+    assert gpu.medim_row(done, {"frozen": True, "batch": 4, "precision": "bf16"}) is None
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+def test_startup_smoke() -> None:
+    out = run_script("startup.py", "--repeats", "1").stdout
+    assert len(RATIO.findall(out)) == 3, out
+    assert "samft.train --cfg job / minimal --cfg job" in out
+
+
+@pytest.mark.slow
+def test_loop_overhead_smoke_does_the_same_updates_as_the_bare_loop() -> None:
+    out = run_script("loop_overhead.py", "--size", "tiny", "--rounds", "1", "--windows", "1",
+                     "--precisions", "fp32").stdout
+    for clock in ("wall time", "CPU time"):
+        assert re.search(rf"^ratio samft Trainer / bare loop, fp32, {clock}: .+ = \d+\.\d+x", out, re.MULTILINE), out
+    difference = float(re.search(r"max \|parameter difference\| .+ after \d+ epochs (\S+?);", out).group(1))
+    assert difference == 0.0, out  # same model, data, clicks, optimiser: the Trainer adds no arithmetic
+
+
+@pytest.mark.slow
+def test_end_to_end_smoke() -> None:
+    out = run_script("end_to_end.py", "--size", "tiny", "--configs", "none:1,memory:2").stdout
+    assert "| none | 1 |" in out and "| memory | 2 |" in out, out
+    assert len(RATIO.findall(out)) == 2, out
+
+
+@pytest.mark.slow
+def test_gpu_cpu_logic_path_writes_the_table(tmp_path: Path) -> None:
+    out_json = tmp_path / "gpu.json"
+    out = run_script("gpu.py", "--device", "cpu", "--size", "tiny", "--batches", "2", "--precisions", "bf16,fp16",
+                     "--repeats", "1", "--warmup", "0", "--peak-tflops", "1", "--out", str(out_json)).stdout
+    assert re.search(r"^ratio ours / medim samples/s, batch 2 bf16: .+ = \d+\.\d+x \(goal >= 2x", out, re.MULTILINE)
+    report = json.loads(out_json.read_text())
+    assert [r["status"] for r in report["rows"]] == ["ok"] * 10
+    assert all(r["samples_per_s"] > 0 and r["mfu"] > 0 and r["peak_gib"] is None for r in report["rows"])
+    assert report["gflop_per_sample"]["ours frozen"] < report["gflop_per_sample"]["ours trained"]
+    assert "| ours | frozen | off | 2 | fp16 |" in out_json.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_without_cuda_exits_with_a_clear_message(tmp_path: Path) -> None:
+    result = run_script("gpu.py", "--out", str(tmp_path / "gpu.json"), check=False)
+    assert result.returncode == 1
+    assert "no CUDA device is visible" in result.stderr and "--device cpu --size tiny" in result.stderr
+    assert not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.slow
+def test_model_vs_medim_smoke() -> None:
+    out = run_script("model_vs_medim.py", "--size", "tiny", "--repeats", "1").stdout
+    assert re.search(r"speed-up +\d+\.\d+x", out) and re.search(r"ratio +\d+\.\d+x", out), out
+
+
+@pytest.mark.slow
+def test_preprocessing_smoke() -> None:
+    out = run_script("preprocessing.py", "--size", "64", "--slices", "8", "--n", "2", "--epochs", "1",
+                     "--caches", "memory").stdout
+    assert len(re.findall(r"ratio cache=memory, .+ = \d+\.\d+x", out)) == 2, out
