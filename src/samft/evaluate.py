@@ -84,17 +84,16 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
-    import torch
     from tqdm import tqdm
 
     from samft.data.readers import read_volume
+    from samft.devices import resolve_device
     from samft.engine.plots import save_overlay
     from samft.inference import Predictor
 
     ckpt = Path(cfg.ckpt)
     records = _records(cfg, ckpt)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device, key="device")
     predictor = Predictor(ckpt, device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)
     points = json.loads(Path(cfg.points).read_text()) if cfg.points else {}
     output = Path(cfg.output)

@@ -70,13 +70,12 @@ def run_predictions(cfg: DictConfig) -> list[str]:
     """Predict every input; returns one failure line per scan that could not be processed."""
     import nibabel as nib
     import numpy as np
-    import torch
     from tqdm import tqdm
 
+    from samft.devices import resolve_device
     from samft.inference import Predictor
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device, key="device")
     jobs = plan_jobs(source=Path(cfg.input), output=Path(cfg.output),
                      points_file=Path(cfg.points) if cfg.points else None, probabilities=cfg.probabilities)
     predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)

@@ -159,13 +159,9 @@ def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict) -> None:
 
 
 def _device(name: str):
-    import torch
+    from samft.devices import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("hardware.device=cuda but no CUDA GPU is visible; use hardware=cpu")
-    return torch.device(name)
+    return resolve_device(name, key="hardware.device")
 
 
 def _freeze_heads_without_loss(model, *, ich_loss_weight: float) -> None:

@@ -127,16 +127,8 @@ class SamMed3D(nn.Module):
             logits = self._click_rounds(features, target, num_clicks=num_clicks, generator=generator)
         return SegmentOutput(logits=logits, ich_logit=self.ich_logit(features), features=features)
 
-    def forward(
-        self,
-        image: torch.Tensor,
-        *,
-        target: torch.Tensor | None = None,
-        num_clicks: int,
-        generator: torch.Generator | None = None,
-    ) -> SegmentOutput:
-        """`segment`, for wrappers that call the module (DistributedDataParallel schedules its all-reduce so)."""
-        return self.segment(image, target=target, num_clicks=num_clicks, generator=generator)
+    # Wrappers call the module itself (DistributedDataParallel schedules its all-reduce through forward).
+    forward = segment
 
     def _click_rounds(
         self, features: torch.Tensor, target: torch.Tensor, *, num_clicks: int, generator: torch.Generator | None

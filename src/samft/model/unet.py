@@ -33,5 +33,4 @@ class UNetSegmenter(nn.Module):
         logits = self.net(image)
         return SegmentOutput(logits=[logits], ich_logit=None, features=logits.new_zeros(image.shape[0], 0, 1, 1, 1))
 
-    def forward(self, image: torch.Tensor, **kwargs) -> SegmentOutput:
-        return self.segment(image, **kwargs)
+    forward = segment
