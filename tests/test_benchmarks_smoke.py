@@ -139,3 +139,10 @@ def test_preprocessing_smoke() -> None:
     out = run_script("preprocessing.py", "--size", "64", "--slices", "8", "--n", "2", "--epochs", "1",
                      "--caches", "memory").stdout
     assert len(re.findall(r"ratio cache=memory, .+ = \d+\.\d+x", out)) == 2, out
+
+
+def test_empty_mask_plateau_smoke() -> None:
+    out = run_script("empty_mask_plateau.py", "--steps", "2", "--every", "1", "--weights", "50").stdout
+    curves = re.findall(r"^lesion_pos_weight (\S+): Dice every 1 updates ((?:\d\.\d\d ?)+)$", out, re.MULTILINE)
+    assert [weight for weight, _ in curves] == ["1", "50"] and all(len(d.split()) == 3 for _, d in curves), out
+    assert "ratio weight 50 / weight 1, updates to Dice 0.5" in out

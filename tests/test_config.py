@@ -130,3 +130,28 @@ def test_help_and_cfg_job_do_not_import_torch() -> None:
                               timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "optim" in proc.stdout
+
+
+def test_help_reuses_one_config_repository_and_lists_the_same_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.global_hydra import GlobalHydra
+
+    from samft.hydra_help import restore_stock_listing, reuse_config_repository
+
+    groups = [*GROUPS, "hydra/launcher", "hydra/sweeper"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        stock = {group: loader.get_group_options(group, config_name="train", overrides=["seed=1"]) for group in groups}
+        builds = []
+        original = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
+        monkeypatch.setattr(ConfigLoaderImpl, "_parse_overrides_and_create_caching_repo",
+                            lambda self, *args: builds.append(args) or original(self, *args))
+        reuse_config_repository()
+        try:
+            reused = {group: loader.get_group_options(group, config_name="train", overrides=["seed=1"])
+                      for group in groups}
+            loader.get_group_options("model", config_name="predict")
+        finally:
+            restore_stock_listing()
+    assert reused == stock and "sam_med3d_tiny" in reused["model"] and "samft_optuna" in reused["hydra/sweeper"]
+    assert builds == [("train", ["seed=1"]), ("predict", [])]

@@ -89,6 +89,17 @@ def test_auto_mode_reports_the_prompt_free_dice_only() -> None:
     assert not [k for k in result if k.startswith("val/dice@")]
 
 
+def test_both_mode_reports_click_dice_and_the_prompt_free_dice() -> None:
+    label = _cube((2, 2, 2), 4)
+    half = label.clone()
+    half[..., 2:4, :, :] = 0
+    metrics = SegmentationMetrics(val_clicks=(1,), prompt_mode="both")
+    _update(metrics, [label], label, prompt_free=_logits(half))
+    result = metrics.compute()
+    assert result["val/dice"] == result["val/dice@1"] == pytest.approx(1.0)
+    assert result["val/dice_auto"] == pytest.approx(2 * 32 / (64 + 32))
+
+
 def test_spacing_comes_from_the_affine_or_the_default() -> None:
     image = MetaTensor(torch.zeros(2, 1, 4, 4, 4), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
     assert batch_spacing(image, (1.0, 1.0, 1.0)).tolist() == [[2.0, 3.0, 4.0]] * 2

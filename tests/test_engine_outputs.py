@@ -42,6 +42,17 @@ def test_summary_pictures_and_log_of_a_run(tmp_path: Path, caplog, capsys) -> No
     assert "epoch 1" in progress and "run" in progress and "batch/s" in progress
 
 
+def test_both_prompt_mode_trains_the_prompt_free_round_and_reports_it(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, train_settings=settings(epochs=1, prompt_mode="both", val_clicks=(1,)))
+    calls = []
+    segment = trainer.model.segment
+    trainer.model.segment = lambda image, **kw: calls.append(kw["prompt_free"]) or segment(image, **kw)
+    summary = trainer.fit()
+    epoch = summary["history"][0]
+    assert calls and all(calls)  # every training and validation forward also decoded prompt-free
+    assert 0.0 <= epoch["val/dice_auto"] <= 1.0 and epoch["val/dice"] == epoch["val/dice@1"]
+
+
 def test_bf16_autocast_on_cpu_trains(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, n_train=4, train_settings=settings(epochs=1, precision="bf16"))
     summary = trainer.fit()

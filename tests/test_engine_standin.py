@@ -6,7 +6,7 @@ model contract the engine relies on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from samft.engine import Schedule, Trainer, TrainSettings, build_scheduler
+from samft.model.sam3d import SegmentOutput
 
 SIZE = 16
-
-
-@dataclass
-class SegmentOutput:
-    logits: list[torch.Tensor]
-    ich_logit: torch.Tensor | None
-    features: torch.Tensor
 
 
 class TinySegmenter(nn.Module):
@@ -51,6 +45,7 @@ class TinySegmenter(nn.Module):
         target: torch.Tensor | None = None,
         num_clicks: int,
         generator: torch.Generator | None = None,
+        prompt_free: bool = False,
     ) -> SegmentOutput:
         features = torch.relu(self.encoder(image))
         clicks = torch.zeros_like(image)
@@ -63,7 +58,10 @@ class TinySegmenter(nn.Module):
             logits.append(out)
             previous = (torch.sigmoid(out) > 0.5).float().detach()
         ich_logit = self.ich_head(features.mean(dim=(2, 3, 4))).squeeze(1)
-        return SegmentOutput(logits, ich_logit, features)
+        unprompted = None
+        if prompt_free and num_clicks > 0:
+            unprompted = self.decoder(torch.cat([features, torch.zeros_like(image), torch.zeros_like(image)], dim=1))
+        return SegmentOutput(logits, ich_logit, features, unprompted)
 
     @staticmethod
     def _click(target: torch.Tensor, previous: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

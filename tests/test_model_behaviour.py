@@ -213,6 +213,19 @@ def test_auto_mode_is_one_prompt_free_round(model, image, features):
     assert torch.equal(called.logits[0], out.logits[0]) and torch.equal(called.ich_logit, out.ich_logit)
 
 
+def test_both_mode_adds_the_prompt_free_decode_of_the_same_features(model, image, features):
+    target = torch.zeros_like(image)
+    target[..., 4:9, 4:9, 4:9] = 1
+    with torch.no_grad():
+        clicks = model.segment(image, target=target, num_clicks=2, generator=torch.Generator().manual_seed(3))
+        both = model.segment(image, target=target, num_clicks=2, generator=torch.Generator().manual_seed(3),
+                             prompt_free=True)
+        auto = model.segment(image, num_clicks=0)
+    assert clicks.prompt_free is None and auto.prompt_free is None
+    assert all(torch.equal(a, b) for a, b in zip(both.logits, clicks.logits, strict=True))
+    torch.testing.assert_close(both.prompt_free, auto.logits[0], atol=1e-6, rtol=1e-6)
+
+
 def test_heads_shapes_follow_the_encoder(model, features):
     with torch.no_grad():
         assert model.visual_tokens(features).shape == (2, 512, 32)

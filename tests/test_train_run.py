@@ -115,3 +115,27 @@ def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, 
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
     assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 2
+
+
+def test_unet_baseline_trains_through_the_same_framework_and_predicts(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    run_dir = tmp_path / "unet"
+    proc = run_module("samft.train", "experiment=smoke", "model=unet", "data.roi_size=64", f"hydra.run.dir={run_dir}",
+                      f"data.demo_dir={tmp_path / 'demo'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and 0.0 <= summary["best_metric"] <= 1.0
+    assert "val/dice@1" not in summary["history"][0]  # prompt-free: no click metrics
+    assert (run_dir / "best_model.pth").is_file() and not (run_dir / "sam_encoder.pth").exists()
+
+    affine = np.diag([0.9, 0.9, 2.0, 1.0])
+    scan = np.random.default_rng(0).normal(35, 10, size=(90, 80, 40)).astype(np.int16)
+    nib.save(nib.Nifti1Image(scan, affine), tmp_path / "scan.nii.gz")
+    proc = run_module("samft.predict", f"ckpt={run_dir / 'best_model.pth'}", f"input={tmp_path / 'scan.nii.gz'}",
+                      f"output={tmp_path / 'pred'}", f"hydra.run.dir={tmp_path / 'logs'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained with click prompts" not in proc.stderr
+    mask = nib.load(tmp_path / "pred" / "scan_mask.nii.gz")
+    assert mask.shape == scan.shape and np.allclose(mask.affine, affine)

@@ -322,6 +322,18 @@ def test_disk_cache_is_reused_and_keyed_by_settings(records, tmp_path: Path, mon
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["train", "train", "val", "val"]
 
 
+def test_a_partly_filled_disk_cache_collates_cached_and_fresh_samples(records, tmp_path: Path) -> None:
+    def loaders(train_records: list[dict]):
+        return build_dataloaders(train_records=train_records, val_records=records[1],
+                                 preprocessing=Preprocessing(spacing=SPACING, roi_size=16), batch_size=3,
+                                 num_workers=0, cache="disk", cache_dir=tmp_path, seed=0)
+
+    epochs_of(loaders(records[0][:1])[0], 1)  # caches the first case only
+    batch = next(iter(loaders(records[0])[0]))  # one cached and two fresh cases in one batch
+    assert batch["ich"].shape == (3,) and type(batch["ich"]) is torch.Tensor
+    assert isinstance(batch["image"], MetaTensor) and batch["image"].shape == (3, 1, 16, 16, 16)
+
+
 def test_loader_surfaces_the_users_problem(tmp_path: Path) -> None:
     class Payload:
         def __reduce__(self):

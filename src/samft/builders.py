@@ -38,7 +38,8 @@ def train_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
         grad_accum_steps=cfg.optim.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm,
         precision=cfg.hardware.precision, device=str(device), prompt_mode=cfg.model.prompt_mode,
         train_clicks=cfg.model.train_clicks, val_clicks=tuple(cfg.model.val_clicks),
-        ich_loss_weight=cfg.model.ich_loss_weight, oom_policy=cfg.oom_policy,
+        ich_loss_weight=cfg.model.ich_loss_weight,
+        lesion_pos_weight=cfg.model.lesion_pos_weight, oom_policy=cfg.oom_policy,
         max_consecutive_failures=cfg.max_consecutive_failures, max_steps_per_epoch=cfg.max_steps_per_epoch,
         log_images=cfg.logger.log_images, log_freq=cfg.logger.log_freq, spacing=tuple(cfg.data.spacing),
     )

@@ -16,6 +16,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from samft.config import schema_keys
 from samft.errors import EXIT_USER_ERROR, UserError
+from samft.hydra_help import reuse_config_repository, wants_help
 
 
 def in_multirun() -> bool:
@@ -42,6 +43,8 @@ def exit_on_user_error(task: Callable[[], float]) -> float:
 def run_entry(entry: Callable[[], object]) -> None:
     """Call a Hydra-decorated `entry`, reporting user errors as one line with exit code 2."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if wants_help(sys.argv[1:]):
+        reuse_config_repository()
     try:
         entry()
     except UserError as err:

@@ -51,6 +51,7 @@ class ModelConfig:
     visual_tokens: int = 256
     gradient_checkpointing: bool = False
     ich_loss_weight: float = 0.1
+    lesion_pos_weight: float = 50.0
     prompt_mode: str = "click"
     train_clicks: int = 3
     val_clicks: list[int] = field(default_factory=lambda: [1, 3, 5])
@@ -141,7 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("none", "memory", "disk"),
     "data.on_bad_sample": ("error", "skip"),
     "model.name": ("sam_med3d", "sam_med3d_tiny", "unet"),
-    "model.prompt_mode": ("click", "auto"),
+    "model.prompt_mode": ("click", "auto", "both"),
     "optim.name": ("adamw",),
     "scheduler.name": ("plateau", "cosine", "step"),
     "hardware.device": ("cpu", "cuda", "auto"),
@@ -164,6 +165,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.window_width": (0.0, None, True),
     "model.visual_tokens": (1, None, False),
     "model.ich_loss_weight": (0.0, None, False),
+    "model.lesion_pos_weight": (0.0, None, True),
     "model.train_clicks": (1, None, False),
     "optim.lr": (0.0, 1.0, True),
     "optim.weight_decay": (0.0, None, False),

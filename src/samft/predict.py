@@ -81,7 +81,7 @@ def run_predictions(cfg: DictConfig) -> list[str]:
     predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)
     if predictor.prompt_mode == "click" and any(job.points is None for job in jobs):
         log.warning("this model was trained with click prompts (model.prompt_mode=click): its prompt-free masks "
-                    "are weaker; pass points=<clicks.json> or train with model.prompt_mode=auto")
+                    "are weaker; pass points=<clicks.json> or train with model.prompt_mode=both or auto")
     failures = []
     for job in tqdm(jobs, desc="predict", unit="scan"):
         try:

@@ -175,7 +175,10 @@ class _SafePersistentDataset(PersistentDataset):
 
     def _cachecheck(self, item_transformed: dict) -> Any:
         with torch.serialization.safe_globals(list(self._ALLOWED)):
-            return super()._cachecheck(item_transformed)
+            sample = super()._cachecheck(item_transformed)
+        # A cache read turns every tensor into a MetaTensor; `ich` must stay the plain tensor a fresh sample
+        # has, or a batch mixing cached and fresh samples (a partly filled cache) fails to collate.
+        return {k: v.as_tensor() if k == "ich" and isinstance(v, MetaTensor) else v for k, v in sample.items()}
 
 
 def _settings_hash(preprocessing: Preprocessing) -> str:

@@ -68,7 +68,7 @@ class EpochProgress:
 
 
 class Trainer:
-    """Fits a segmentation model exposing `segment(image, *, target, num_clicks, generator) -> SegmentOutput`.
+    """Fits a model exposing `segment(image, *, target, num_clicks, generator, prompt_free) -> SegmentOutput`.
 
     Writes `latest_model.pth` (every epoch), `best_model.pth` (on improvement of `settings.monitor`),
     `summary.json` and `training_curves.png` into `run_dir`. A DDP-wrapped model is called through the wrapper
@@ -119,7 +119,9 @@ class Trainer:
         self.config = _plain_data(resolved_config or {}, "resolved_config")
         self.extra_summary = dict(extra_summary or {})
         self.epoch_callback = epoch_callback
-        self.loss_fn = SegmentationLoss(ich_weight=settings.ich_loss_weight)
+        self.loss_fn = SegmentationLoss(
+            ich_weight=settings.ich_loss_weight, lesion_pos_weight=settings.lesion_pos_weight
+        ).to(self.device)
         self.autocast = partial(autocast, settings.precision, self.device)
         self.scaler = grad_scaler(settings.precision, self.device)
         self.clicks = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -314,7 +316,8 @@ class Trainer:
             try:
                 with self.autocast():
                     output = _segment(
-                        self.model, image, target=label, num_clicks=self.settings.train_rounds, generator=self.clicks
+                        self.model, image, target=label, num_clicks=self.settings.train_rounds, generator=self.clicks,
+                        prompt_free=self.settings.prompt_free,
                     )
                     loss = self.loss_fn(output, label, ich) * weight
             except torch.OutOfMemoryError:

@@ -42,18 +42,20 @@ class CaseScores:
 class SegmentationMetrics:
     """Accumulates validation batches and averages over cases.
 
-    Metric names: `val/dice@k` (click mode, one per k in `val_clicks`: Dice on positive cases after k clicks),
+    Metric names: `val/dice@k` (click modes, one per k in `val_clicks`: Dice on positive cases after k clicks),
     `val/dice` (the monitored value: Dice after `val_clicks[0]` clicks, or of the prompt-free prediction in auto
-    mode), `val/hd95_mm` (95th-percentile Hausdorff distance on positive cases at that click count; an empty
+    mode), `val/dice_auto` (prompt_mode=both: Dice of the prompt-free prediction on positive cases),
+    `val/hd95_mm` (95th-percentile Hausdorff distance on positive cases at the monitored click count; an empty
     prediction scores the volume diagonal), `val/fp_volume_ml` (predicted volume on negative cases),
     `val/auroc` (ICH detection from the classifier head; absent when the head or one class is missing),
     `val/n_pos`, `val/n_neg`. Predictions are sigmoid(logits) > 0.5.
     """
 
     def __init__(self, *, val_clicks: Sequence[int], prompt_mode: str) -> None:
-        self.click_counts = tuple(val_clicks) if prompt_mode == "click" else ()
+        self.click_counts = tuple(val_clicks) if prompt_mode in ("click", "both") else ()
         self.monitored_clicks = self.click_counts[0] if self.click_counts else 0
-        self.scores = CaseScores(dice={k: [] for k in self.click_counts or (0,)})
+        self.scores_prompt_free = prompt_mode in ("auto", "both")
+        self.scores = CaseScores(dice={k: [] for k in self.click_counts + ((0,) if self.scores_prompt_free else ())})
         self._dice = DiceMetric(include_background=True, ignore_empty=False, reduction="none")
         self._hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
 
@@ -65,11 +67,13 @@ class SegmentationMetrics:
         spacing: torch.Tensor,
         ich: torch.Tensor,
         ich_logit: torch.Tensor | None,
+        prompt_free: torch.Tensor | None = None,
     ) -> None:
         """logits: one B x 1 x D x H x W tensor per click round; label: B x 1 x D x H x W; spacing: B x 3 mm;
-        ich: B; ich_logit: B or None."""
+        ich: B; ich_logit: B or None; prompt_free: B x 1 x D x H x W beside click rounds (prompt_mode=both)."""
         label = label.detach().float().cpu() > 0.5
-        predictions = {k: prediction_after(logits, k) for k in self.scores.dice}
+        predictions = {k: prediction_after(logits if k or prompt_free is None else [prompt_free], k)
+                       for k in self.scores.dice}
         monitored = predictions[self.monitored_clicks]
         positive = label.flatten(1).any(1)
         if positive.any():
@@ -89,6 +93,8 @@ class SegmentationMetrics:
         if monitored:
             metrics["val/dice"] = _mean(monitored)
             metrics.update({f"val/dice@{k}": _mean(s.dice[k]) for k in self.click_counts})
+            if self.click_counts and self.scores_prompt_free:
+                metrics["val/dice_auto"] = _mean(s.dice[0])
             metrics["val/hd95_mm"] = _mean(s.hd95_mm)
         if s.fp_volume_ml:
             metrics["val/fp_volume_ml"] = _mean(s.fp_volume_ml)
@@ -148,9 +154,11 @@ def evaluate(
         image = plain_tensor(batch["image"]).to(device, non_blocking=True)
         label = plain_tensor(batch["label"]).to(device, non_blocking=True)
         with autocast():
-            output = model.segment(image, target=label, num_clicks=rounds, generator=generator)
+            output = model.segment(image, target=label, num_clicks=rounds, generator=generator,
+                                   prompt_free=prompt_mode == "both")
         metrics.update(
             logits=output.logits,
+            prompt_free=output.prompt_free,
             label=label,
             spacing=batch_spacing(batch["image"], default_spacing),
             ich=batch["ich"],

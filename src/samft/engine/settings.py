@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PROMPT_MODES = ("click", "auto")
+PROMPT_MODES = ("click", "auto", "both")
 OOM_POLICIES = ("skip", "halve")
 
 
@@ -33,6 +33,7 @@ class TrainSettings:
     train_clicks: int = 3
     val_clicks: tuple[int, ...] = (1, 3, 5)
     ich_loss_weight: float = 0.0
+    lesion_pos_weight: float = 1.0
     oom_policy: str = "skip"
     max_consecutive_failures: int = 5
     max_steps_per_epoch: int | None = None
@@ -56,6 +57,7 @@ class TrainSettings:
             "val_clicks non-empty, each >= 1 in click mode": bool(self.val_clicks)
             and (self.prompt_mode == "auto" or min(self.val_clicks) >= 1),
             "ich_loss_weight >= 0": self.ich_loss_weight >= 0,
+            "lesion_pos_weight > 0": self.lesion_pos_weight > 0,
             f"oom_policy in {OOM_POLICIES}": self.oom_policy in OOM_POLICIES,
             "max_consecutive_failures >= 1": self.max_consecutive_failures >= 1,
             "max_steps_per_epoch >= 1 or None": self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
@@ -75,3 +77,8 @@ class TrainSettings:
     def val_rounds(self) -> int:
         """Click rounds per validation forward (enough for the largest entry of val_clicks)."""
         return 0 if self.prompt_mode == "auto" else max(self.val_clicks)
+
+    @property
+    def prompt_free(self) -> bool:
+        """Whether each forward also decodes once without prompts beside the click rounds (prompt_mode=both)."""
+        return self.prompt_mode == "both"

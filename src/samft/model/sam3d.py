@@ -22,11 +22,13 @@ class SegmentOutput:
     logits: one B x 1 x S x S x S full-resolution logit volume per click round (one round in auto mode).
     ich_logit: B ICH-presence logits, or None for a model without that head.
     features: B x C x g x g x g image-encoder features.
+    prompt_free: B x 1 x S x S x S logits decoded without any prompt, when asked for beside click rounds.
     """
 
     logits: list[torch.Tensor]
     ich_logit: torch.Tensor | None
     features: torch.Tensor
+    prompt_free: torch.Tensor | None = None
 
 
 class SamMed3D(nn.Module):
@@ -107,6 +109,7 @@ class SamMed3D(nn.Module):
         target: torch.Tensor | None = None,
         num_clicks: int,
         generator: torch.Generator | None = None,
+        prompt_free: bool = False,
     ) -> SegmentOutput:
         """Interactive segmentation with simulated clicks, or prompt-free with num_clicks=0.
 
@@ -114,6 +117,8 @@ class SamMed3D(nn.Module):
         uniform target voxel; each later round clicks a uniform voxel of the previous round's error region
         (positive on a miss, negative on a false alarm) and feeds the previous low-resolution logits back
         (detached) as the mask prompt. A sample without a click (empty target) is decoded without points.
+        `prompt_free=True` with clicks also decodes the same features once without prompts (`prompt_free`), so
+        one forward trains both ways of using the model (model.prompt_mode=both).
         """
         if num_clicks < 0:
             raise ValueError(f"num_clicks must be >= 0, got {num_clicks}")
@@ -125,7 +130,9 @@ class SamMed3D(nn.Module):
             logits = [self._upsample(self.decode(features))]
         else:
             logits = self._click_rounds(features, target, num_clicks=num_clicks, generator=generator)
-        return SegmentOutput(logits=logits, ich_logit=self.ich_logit(features), features=features)
+        unprompted = self._upsample(self.decode(features)) if prompt_free and num_clicks > 0 else None
+        return SegmentOutput(logits=logits, ich_logit=self.ich_logit(features), features=features,
+                             prompt_free=unprompted)
 
     # Wrappers call the module itself (DistributedDataParallel schedules its all-reduce through forward).
     forward = segment
