@@ -21,14 +21,15 @@ def _deterministic(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in h.items() if not k.startswith(("time/", "memory/"))} for h in history]
 
 
-def _trainer(run_dir: Path, scheduler: str, **kwargs: Any):
+def _trainer(run_dir: Path, scheduler: str, stop_after_epoch: int | None = None, **kwargs: Any):
     scheduler_kwargs = {"cosine": {"warmup_epochs": 1, "min_lr": 1e-4}, "plateau": {"plateau_patience": 0}}
     return make_trainer(
         run_dir,
         optimizer="adamw",  # optimiser state (moments, step counts) must survive the resume too
         scheduler=scheduler,
         scheduler_kwargs=scheduler_kwargs[scheduler],
-        train_settings=settings(epochs=EPOCHS, grad_accum_steps=2, max_grad_norm=1.0),
+        train_settings=settings(epochs=EPOCHS, grad_accum_steps=2, max_grad_norm=1.0,
+                                stop_after_epoch=stop_after_epoch),
         **kwargs,
     )
 
@@ -65,6 +66,15 @@ def test_ctrl_c_after_an_epoch_then_resume_matches_uninterrupted(tmp_path: Path,
     assert state["config"] == {"seed": 0, "optim": {"lr": 0.1}}
     resumed = _resume_and_compare(tmp_path, uninterrupted)
     assert resumed["wall_time_s"] > state["elapsed_s"] > 0
+
+
+def test_stop_after_epoch_keeps_the_schedule_and_resume_matches_uninterrupted(tmp_path: Path, uninterrupted) -> None:
+    first = _trainer(tmp_path, uninterrupted["scheduler"], stop_after_epoch=2).fit()
+    assert first["stop_reason"] == "stopped_after_epoch" and first["epochs_run"] == 2
+    assert _deterministic(first["history"]) == _deterministic(uninterrupted["summary"]["history"][:2])
+    again = _trainer(tmp_path, uninterrupted["scheduler"], stop_after_epoch=2).fit(resume_from=tmp_path / LATEST)
+    assert again["stop_reason"] == "stopped_after_epoch" and again["epochs_run"] == 2  # nothing more to do
+    _resume_and_compare(tmp_path, uninterrupted)
 
 
 def test_sigint_mid_epoch_saves_at_a_step_boundary_and_resume_matches(tmp_path: Path, uninterrupted) -> None:

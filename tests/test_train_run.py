@@ -105,6 +105,22 @@ def test_reproduce_reports_identical_metrics(smoke_run, tmp_path: Path) -> None:
     assert [h["train/loss"] for h in new["history"]] == [h["train/loss"] for h in old["history"]]
 
 
+def test_reproduce_the_first_epochs_of_a_run(smoke_run, tmp_path: Path) -> None:
+    from samft.reproduce import compare
+
+    run_dir, _ = smoke_run
+    proc = run_module("samft.reproduce", str(run_dir), "--epochs", "1", "--output", str(tmp_path / "one"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reproduced over the first 1 epoch(s): identical metrics" in proc.stdout
+    old = json.loads((run_dir / "summary.json").read_text())
+    new = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert new["stop_reason"] == "stopped_after_epoch" and len(new["history"]) == 1
+    assert new["history"][0]["train/loss"] == old["history"][0]["train/loss"]
+    new["history"][0]["val/dice"] += 0.5
+    assert compare(old, new, epochs=1) == [f"epoch 1 val/dice: {old['history'][0]['val/dice']!r} -> "
+                                           f"{new['history'][0]['val/dice']!r}"]
+
+
 def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, tmp_path: Path) -> None:
     run_dir, _ = smoke_run
     before = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]

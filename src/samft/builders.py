@@ -41,6 +41,7 @@ def train_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
         ich_loss_weight=cfg.model.ich_loss_weight,
         lesion_pos_weight=cfg.model.lesion_pos_weight, oom_policy=cfg.oom_policy,
         max_consecutive_failures=cfg.max_consecutive_failures, max_steps_per_epoch=cfg.max_steps_per_epoch,
+        stop_after_epoch=cfg.stop_after_epoch,
         log_images=cfg.logger.log_images, log_freq=cfg.logger.log_freq, spacing=tuple(cfg.data.spacing),
     )
 

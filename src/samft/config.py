@@ -132,6 +132,7 @@ class TrainConfig:
     val_every: int = 1
     resume: str = "auto"
     max_steps_per_epoch: int | None = None
+    stop_after_epoch: int | None = None
     oom_policy: str = "skip"
     max_consecutive_failures: int = 5
 
@@ -187,6 +188,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "min_delta": (0.0, None, False),
     "val_every": (1, None, False),
     "max_steps_per_epoch": (1, None, False),
+    "stop_after_epoch": (1, None, False),
     "max_consecutive_failures": (1, None, False),
 }
 

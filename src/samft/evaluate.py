@@ -19,7 +19,11 @@ SIZE_BANDS_ML = (("under 1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), ("over 10 ml"
 
 
 def case_metrics(pred, truth, affine) -> dict[str, float | bool]:
-    """pred, truth: X x Y x Z {0,1} arrays on one grid with `affine` (mm). HD95 is NaN when either is empty."""
+    """pred, truth: X x Y x Z {0,1} arrays on one grid with `affine` (mm). HD95 is NaN when either is empty.
+
+    `detected`: on a scan with a lesion, the prediction overlaps it; on one without, anything is predicted (a
+    false alarm), so sensitivity and specificity count hits, not any voxel anywhere.
+    """
     import numpy as np
     import torch
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -36,7 +40,7 @@ def case_metrics(pred, truth, affine) -> dict[str, float | bool]:
     return {
         "dice": dice, "hd95_mm": hd95,
         "pred_volume_ml": float(p.sum()) * voxel_ml, "true_volume_ml": float(t.sum()) * voxel_ml,
-        "detected": bool(p.any()), "positive": bool(t.any()),
+        "detected": bool((p * t).any()) if t.any() else bool(p.any()), "positive": bool(t.any()),
     }
 
 

@@ -1,9 +1,10 @@
-"""`python -m samft.reproduce <run dir> [--output DIR]`: re-run a saved run and compare the summaries.
+"""`python -m samft.reproduce <run dir> [--output DIR] [--epochs N]`: re-run a saved run and compare the summaries.
 
 The config is rebuilt the robust way: the project's config composed with the run's saved overrides (so the
 schema checks apply), then the run's saved `.hydra/config.yaml` merged on top (so a changed default in
 `conf/` cannot change the re-run). The new run goes into a fresh directory; the report lists every metric
-that differs, and a changed git commit, dirty flag or package version.
+that differs, and a changed git commit, dirty flag or package version. `--epochs N` re-runs only the first N
+epochs of an expensive run (`stop_after_epoch`, so the schedule is the original one) and compares those epochs.
 """
 
 from __future__ import annotations
@@ -44,13 +45,17 @@ def saved_config(run_dir: Path) -> DictConfig:
     return typed
 
 
-def compare(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Lines describing every difference that matters between two summary.json contents."""
+def compare(old: dict[str, Any], new: dict[str, Any], *, epochs: int | None = None) -> list[str]:
+    """Lines describing every difference that matters between two summary.json contents (with `epochs`: between
+    the first `epochs` epochs of `old` and the whole of `new`)."""
     differences = []
-    for key in COMPARED_METRICS:
-        if not _same(old.get(key), new.get(key)):
-            differences.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     old_history, new_history = old.get("history", []), new.get("history", [])
+    if epochs is None:
+        for key in COMPARED_METRICS:
+            if not _same(old.get(key), new.get(key)):
+                differences.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    else:
+        old_history = old_history[:epochs]
     if len(old_history) != len(new_history):
         differences.append(f"history length: {len(old_history)} -> {len(new_history)} epochs")
     for epoch, (a, b) in enumerate(zip(old_history, new_history), start=1):
@@ -82,8 +87,9 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def reproduce(run_dir: Path, output: Path | None = None) -> tuple[Path, list[str]]:
-    """Re-run `run_dir` into `output` (default: a sibling `<name>_reproduced_<time>`); returns the differences."""
+def reproduce(run_dir: Path, output: Path | None = None, *, epochs: int | None = None) -> tuple[Path, list[str]]:
+    """Re-run `run_dir` (its first `epochs` epochs, or all) into `output` (default: a sibling
+    `<name>_reproduced_<time>`); returns the differences."""
     from samft.runner import train_at
 
     run_dir = run_dir.resolve()
@@ -91,6 +97,10 @@ def reproduce(run_dir: Path, output: Path | None = None) -> tuple[Path, list[str
     if not old_summary_path.exists():
         raise UserError(f"{run_dir} has no summary.json to compare with; did the run finish?")
     cfg = saved_config(run_dir)
+    if epochs is not None:
+        if epochs < 1:
+            raise UserError(f"--epochs {epochs}: give a number of epochs >= 1")
+        cfg.stop_after_epoch = epochs
     output = output or run_dir.with_name(f"{run_dir.name}_reproduced_{datetime.now():%Y-%m-%d_%H-%M-%S}")
     if output.exists():
         raise UserError(f"--output {output} exists; name a new folder")
@@ -100,7 +110,7 @@ def reproduce(run_dir: Path, output: Path | None = None) -> tuple[Path, list[str
     train_at(cfg, output)
     old = json.loads(old_summary_path.read_text())
     new = json.loads((output / "summary.json").read_text())
-    return output, compare(old, new)
+    return output, compare(old, new, epochs=epochs)
 
 
 def _log_to(path: Path) -> None:
@@ -112,15 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m samft.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by samft.train")
     parser.add_argument("--output", type=Path, default=None, help="where the re-run goes (must not exist)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="re-run and compare only the first N epochs (the original schedule is kept)")
     args = parser.parse_args(argv)
     try:
-        output, differences = reproduce(args.run_dir, args.output)
+        output, differences = reproduce(args.run_dir, args.output, epochs=args.epochs)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(f"re-run directory: {output}")
     if not differences:
-        print("reproduced: identical metrics, same git commit and package versions")
+        scope = "" if args.epochs is None else f" over the first {args.epochs} epoch(s)"
+        print(f"reproduced{scope}: identical metrics, same git commit and package versions")
         return 0
     print(f"{len(differences)} difference(s) from {args.run_dir}:")
     for line in differences:

@@ -175,6 +175,9 @@ class Trainer:
                 return "interrupted"
             if self.stopping.should_stop:  # resumed from a run that had already stopped early
                 return "early_stopping"
+            if self.settings.stop_after_epoch is not None and self.epoch >= self.settings.stop_after_epoch:
+                log.info("stopped after epoch %d (stop_after_epoch); resume=auto continues the run", self.epoch)
+                return "stopped_after_epoch"
             epoch = self.epoch + 1
             stopped = self._train_epoch(epoch, interrupt, progress)
             if stopped is not None:

@@ -37,6 +37,7 @@ class TrainSettings:
     oom_policy: str = "skip"
     max_consecutive_failures: int = 5
     max_steps_per_epoch: int | None = None
+    stop_after_epoch: int | None = None
     log_images: bool = False
     log_freq: int = 5
     monitor: str = "val/dice"
@@ -61,6 +62,7 @@ class TrainSettings:
             f"oom_policy in {OOM_POLICIES}": self.oom_policy in OOM_POLICIES,
             "max_consecutive_failures >= 1": self.max_consecutive_failures >= 1,
             "max_steps_per_epoch >= 1 or None": self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            "stop_after_epoch >= 1 or None": self.stop_after_epoch is None or self.stop_after_epoch >= 1,
             "log_freq >= 1": self.log_freq >= 1,
             "three positive spacing values": len(self.spacing) == 3 and min(self.spacing) > 0,
         }
