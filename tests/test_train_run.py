@@ -121,6 +121,16 @@ def test_reproduce_the_first_epochs_of_a_run(smoke_run, tmp_path: Path) -> None:
                                            f"{new['history'][0]['val/dice']!r}"]
 
 
+def test_a_run_stopped_before_its_first_validation_is_not_an_error(tmp_path: Path) -> None:
+    run_dir = tmp_path / "boxed"
+    proc = run_module("samft.train", "experiment=smoke", "val_every=2", "stop_after_epoch=1",
+                      f"hydra.run.dir={run_dir}", f"data.demo_dir={tmp_path / 'demo'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "stopped_after_epoch" and summary["best_metric"] is None
+    assert len(summary["history"]) == 1 and (run_dir / "latest_model.pth").is_file()
+
+
 def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, tmp_path: Path) -> None:
     run_dir, _ = smoke_run
     before = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]

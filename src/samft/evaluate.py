@@ -15,6 +15,7 @@ from samft.cli import exit_on_user_error, run_entry
 from samft.errors import UserError
 
 log = logging.getLogger("samft.evaluate")
+BRAIN_WINDOW_HU = (0.0, 80.0)  # overlays: level 40, width 80, where blood (50-90 HU) stands out
 SIZE_BANDS_ML = (("under 1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), ("over 10 ml", 10.0, float("inf")))
 
 
@@ -116,7 +117,7 @@ def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
         rows.append({"case_id": record["case_id"], "mode": "click" if clicks else "auto",
                      **case_metrics(pred, truth, prediction.affine)})
         save_overlay(scan, truth, pred, output / "overlays" / f"{record['case_id']}.png",
-                     title=f"{record['case_id']}: Dice {rows[-1]['dice']:.2f}")
+                     title=f"{record['case_id']}: Dice {rows[-1]['dice']:.2f}", display_range=BRAIN_WINDOW_HU)
     pd.DataFrame(rows).to_csv(output / "per_case.csv", index=False)
     summary = summarize(rows)
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

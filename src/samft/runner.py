@@ -133,6 +133,8 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
     objective = summary["best_metric"]
     if summary["stop_reason"] == "pruned":
         _raise_pruned(cfg)
+    if objective is None and summary["stop_reason"] == "stopped_after_epoch":
+        return math.nan  # time-boxed before its first validation: not a failure (a sweep still marks it FAIL)
     if objective is None or not math.isfinite(objective):
         raise UserError(f"run {run_dir} stopped ({summary['stop_reason']}) without a finite {summary['metric_name']}; "
                         "its log and summary.json say why, and resume=auto continues it")

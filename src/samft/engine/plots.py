@@ -30,8 +30,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path)
 
 
-def save_overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray, path: Path, *, title: str = "") -> None:
-    """image, label, pred: D x H x W. Shows the slice along the last axis with the most ground truth."""
+def save_overlay(
+    image: np.ndarray, label: np.ndarray, pred: np.ndarray, path: Path, *, title: str = "",
+    display_range: tuple[float, float] | None = None,
+) -> None:
+    """image, label, pred: D x H x W. Shows the slice along the last axis with the most ground truth, the image
+    clipped to `display_range` (e.g. a brain window in HU; None: its own range)."""
     mask = label if label.any() else pred
     z = int(mask.sum(axis=(0, 1)).argmax()) if mask.any() else image.shape[2] // 2
     figure = Figure(figsize=(12, 4), dpi=100)
@@ -40,7 +44,8 @@ def save_overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray, path: P
     for ax, overlay, name, colour in zip(
         axes, (None, label, pred), ("CT", "ground truth", "prediction"), (None, "Greens", "Reds")
     ):
-        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
+        low, high = display_range or (None, None)
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=low, vmax=high)
         if overlay is not None:
             plane = overlay[:, :, z].T.astype(bool)
             ax.imshow(np.ma.masked_where(~plane, plane), cmap=colour, alpha=0.6, origin="lower", vmin=0, vmax=1)
