@@ -136,7 +136,7 @@ def test_help_reuses_one_config_repository_and_lists_the_same_options(monkeypatc
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.global_hydra import GlobalHydra
 
-    from samft.hydra_help import restore_stock_listing, reuse_config_repository
+    from samft.hydra_help import reuse_config_repository
 
     groups = [*GROUPS, "hydra/launcher", "hydra/sweeper"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -146,12 +146,10 @@ def test_help_reuses_one_config_repository_and_lists_the_same_options(monkeypatc
         original = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
         monkeypatch.setattr(ConfigLoaderImpl, "_parse_overrides_and_create_caching_repo",
                             lambda self, *args: builds.append(args) or original(self, *args))
+        # monkeypatch puts the stock method back after the test, undoing the patch below
+        monkeypatch.setattr(ConfigLoaderImpl, "get_group_options", ConfigLoaderImpl.get_group_options)
         reuse_config_repository()
-        try:
-            reused = {group: loader.get_group_options(group, config_name="train", overrides=["seed=1"])
-                      for group in groups}
-            loader.get_group_options("model", config_name="predict")
-        finally:
-            restore_stock_listing()
+        reused = {group: loader.get_group_options(group, config_name="train", overrides=["seed=1"]) for group in groups}
+        loader.get_group_options("model", config_name="predict")
     assert reused == stock and "sam_med3d_tiny" in reused["model"] and "samft_optuna" in reused["hydra/sweeper"]
     assert builds == [("train", ["seed=1"]), ("predict", [])]

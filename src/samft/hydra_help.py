@@ -12,7 +12,6 @@ from typing import Any
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.object_type import ObjectType
 
-_STOCK = ConfigLoaderImpl.get_group_options
 _HELP_FLAGS = frozenset({"--help", "-h", "--hydra-help"})
 
 
@@ -40,9 +39,3 @@ def reuse_config_repository() -> None:
 
     get_group_options._samft_reuses_repository = True  # type: ignore[attr-defined]
     ConfigLoaderImpl.get_group_options = get_group_options  # type: ignore[method-assign]
-
-
-def restore_stock_listing() -> None:
-    """Undo `reuse_config_repository` (tests)."""
-    ConfigLoaderImpl.get_group_options = _STOCK  # type: ignore[method-assign]
-

@@ -12,12 +12,12 @@ from torch import nn
 class SegmentationLoss(nn.Module):
     """Mean over the batch of sum_rounds DiceCE(logits_r, label) + ich_weight * BCE(ich_logit, ich).
 
-    The prompt-free logits of prompt_mode=both count as one more round.
-    Each term is a per-sample mean, so the loss of a batch equals the mean of its samples' losses (what exact
-    gradient accumulation relies on). `ich_weight=0` or a model without a classifier head drops the ICH term.
-    `lesion_pos_weight` weighs the BCE of lesion voxels: a bleed fills 0.01-1 % of a 128^3 crop, and with
-    unweighted BCE a model trained from scratch first collapses to empty masks (where Dice gives no gradient)
-    and stays there for about a hundred updates before it finds the lesions (README, "Why lesion_pos_weight").
+    The prompt-free logits of prompt_mode=both count as one more round. Each term is a per-sample mean, so the
+    loss of a batch equals the mean of its samples' losses (what exact gradient accumulation relies on).
+    `ich_weight=0` or a model without a classifier head drops the ICH term. `lesion_pos_weight` weighs the BCE
+    of lesion voxels: a bleed fills 0.01-1 % of a 128^3 crop, and with unweighted BCE a model trained from
+    scratch first collapses to empty masks (where Dice gives no gradient) and stays there for about a hundred
+    updates before it finds the lesions (README, "The model"; benchmarks/empty_mask_plateau.py).
     """
 
     def __init__(self, *, ich_weight: float, lesion_pos_weight: float = 1.0) -> None:
