@@ -1,4 +1,5 @@
-"""Safe volume readers: restricted unpickling of ``.pkl`` volumes, NIfTI through nibabel, and a MONAI reader.
+"""Safe volume readers: restricted unpickling of ``.pkl`` volumes, NIfTI through nibabel, DICOM CT series
+(folders; see ``samft.data.dicom``), and MONAI readers for each.
 
 A data file never runs code: ``.pkl`` files go through an unpickler that rebuilds numpy arrays and plain
 containers only and refuses every other global (``os.system``, ``builtins.eval``, torch, ...) with a
@@ -9,7 +10,9 @@ containers only and refuses every other global (``os.system``, ``builtins.eval``
 from __future__ import annotations
 
 import _codecs
+import logging
 import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +25,14 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from samft.errors import UserError
 
+# With pydicom installed (for DICOM series), every MONAI LoadImage() tries to register nvImageCodec's GPU
+# DICOM decoder and warns, once per pipeline, that it is absent. samft decodes DICOM through SimpleITK instead.
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIX = ".dcm"
 IMAGE_KEYS = ("image", "img", "volume", "data", "ct")
 """Keys under which a dict-shaped ``.pkl`` may hold its image, tried in this order."""
 
@@ -79,19 +88,29 @@ class Volume(NamedTuple):
 
 
 def volume_format(path: str | Path) -> str:
-    """``"pickle"`` or ``"nifti"`` from the file name; anything else is a UserError."""
+    """``"pickle"`` or ``"nifti"`` from the file name, ``"dicom"`` for a folder; anything else is a UserError."""
     name = str(path).lower()
     if name.endswith(PICKLE_SUFFIXES):
         return "pickle"
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
-    raise UserError(f"{path}: unsupported volume format; use .pkl, .nii or .nii.gz")
+    if Path(path).is_dir():
+        return "dicom"
+    if name.endswith(DICOM_SUFFIX):
+        raise UserError(f"{path}: a DICOM file is one slice; pass the folder that holds the series")
+    raise UserError(f"{path}: unsupported volume format; use .pkl, .nii, .nii.gz or a DICOM series folder")
 
 
 def read_volume(path: str | Path) -> Volume:
-    """Read a ``.pkl``, ``.nii`` or ``.nii.gz`` volume (3-D; a singleton 4th axis is dropped)."""
-    if volume_format(path) == "pickle":
+    """Read a ``.pkl``, ``.nii`` or ``.nii.gz`` volume (3-D; a singleton 4th axis is dropped) or a folder
+    holding one DICOM CT series."""
+    kind = volume_format(path)
+    if kind == "pickle":
         return _read_pickle(Path(path))
+    if kind == "dicom":
+        from samft.data.dicom import read_series  # pydicom and SimpleITK load only when a series is read
+
+        return Volume(*read_series(path), True)
     array, affine = load_nifti(path)
     return Volume(array, affine, True)
 
@@ -196,7 +215,46 @@ def _affine(value: Any, path: Path) -> np.ndarray:
     return affine
 
 
-class PickleVolumeReader(ImageReader):
+class _VolumeReader(ImageReader):
+    """A MONAI reader over ``Volume`` values: subclasses say which paths they take and how one is read."""
+
+    def _accepts(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _read_one(self, path: Path) -> Volume:
+        raise NotImplementedError
+
+    def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
+        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
+        return bool(names) and all(self._accepts(str(n)) for n in names)
+
+    def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> Volume | list[Volume]:
+        names = [data] if isinstance(data, (str, Path)) else list(data)
+        if not self.verify_suffix(names):
+            raise ValueError(f"{type(self).__name__} cannot read {names}")
+        volumes = [self._read_one(Path(n)) for n in names]
+        return volumes[0] if len(volumes) == 1 else volumes
+
+    def get_data(self, img: Volume | list[Volume]) -> tuple[np.ndarray, dict]:
+        """``(X x Y x Z array, meta)``; several volumes are stacked as ``C x X x Y x Z`` (same geometry)."""
+        volumes = [img] if isinstance(img, Volume) else list(img)
+        first = volumes[0]
+        for other in volumes[1:]:
+            if other.array.shape != first.array.shape or not np.allclose(other.affine, first.affine):
+                raise ValueError("stacked volumes must share their shape and affine")
+        meta = {
+            MetaKeys.AFFINE: first.affine.copy(),
+            MetaKeys.ORIGINAL_AFFINE: first.affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(first.array.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if len(volumes) == 1 else 0,
+            "has_geometry": first.has_geometry,
+        }
+        array = first.array if len(volumes) == 1 else np.stack([v.array for v in volumes])
+        return array, meta
+
+
+class PickleVolumeReader(_VolumeReader):
     """MONAI reader for ``.pkl`` volumes (restricted unpickling, affine from the file or the identity).
 
     Use it so that a refused or broken ``.pkl`` surfaces as its own ``UserError``: per call
@@ -210,36 +268,31 @@ class PickleVolumeReader(ImageReader):
     ``original_affine``, ``spatial_shape`` and ``has_geometry`` (False: the file had no spacing or affine).
     """
 
-    def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
-        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
-        return bool(names) and all(str(n).lower().endswith(PICKLE_SUFFIXES) for n in names)
+    def _accepts(self, name: str) -> bool:
+        return name.lower().endswith(PICKLE_SUFFIXES)
 
-    def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> Volume | list[Volume]:
-        names = [data] if isinstance(data, (str, Path)) else list(data)
-        if not self.verify_suffix(names):
-            raise ValueError(f"PickleVolumeReader reads .pkl files only, got {names}")
-        volumes = [_read_pickle(Path(n)) for n in names]
-        return volumes[0] if len(volumes) == 1 else volumes
+    def _read_one(self, path: Path) -> Volume:
+        return _read_pickle(path)
 
-    def get_data(self, img: Volume | list[Volume]) -> tuple[np.ndarray, dict]:
-        """``(X x Y x Z array, meta)``; several volumes are stacked as ``C x X x Y x Z`` (same geometry)."""
-        volumes = [img] if isinstance(img, Volume) else list(img)
-        first = volumes[0]
-        for other in volumes[1:]:
-            if other.array.shape != first.array.shape or not np.allclose(other.affine, first.affine):
-                raise ValueError("stacked .pkl volumes must share their shape and affine")
-        meta = {
-            MetaKeys.AFFINE: first.affine.copy(),
-            MetaKeys.ORIGINAL_AFFINE: first.affine.copy(),
-            MetaKeys.SPATIAL_SHAPE: np.asarray(first.array.shape),
-            MetaKeys.SPACE: SpaceKeys.RAS,
-            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if len(volumes) == 1 else 0,
-            "has_geometry": first.has_geometry,
-        }
-        array = first.array if len(volumes) == 1 else np.stack([v.array for v in volumes])
-        return array, meta
+
+class DicomSeriesReader(_VolumeReader):
+    """MONAI reader for DICOM CT series folders (``samft.data.dicom``): the same checks, HU voxels and RAS
+    affine as ``read_volume``, with the meta keys of ``PickleVolumeReader``. Pass it per call
+    (``image_reader_for``) so that a refused series surfaces as its own ``UserError``."""
+
+    def _accepts(self, name: str) -> bool:
+        return Path(name).is_dir()
+
+    def _read_one(self, path: Path) -> Volume:
+        from samft.data.dicom import read_series
+
+        return Volume(*read_series(path), True)
 
 
 def image_reader_for(path: str | Path) -> ImageReader:
-    """The MONAI reader for one file: ``PickleVolumeReader`` for ``.pkl``, ``NibabelReader`` for NIfTI."""
-    return PickleVolumeReader() if volume_format(path) == "pickle" else NibabelReader()
+    """The MONAI reader for one path: ``PickleVolumeReader`` for ``.pkl``, ``NibabelReader`` for NIfTI,
+    ``DicomSeriesReader`` for a folder."""
+    kind = volume_format(path)
+    if kind == "pickle":
+        return PickleVolumeReader()
+    return DicomSeriesReader() if kind == "dicom" else NibabelReader()

@@ -33,8 +33,9 @@ def csv_records(
 ) -> tuple[list[dict], list[dict]]:
     """Records from the predecessor's CSVs (columns ``path,ich,patient_id``; one row per volume).
 
-    ``path`` points to the image (``.pkl``, or ``.nii``/``.nii.gz``); a relative path resolves against the
-    CSV's folder. The mask of image ``{stem}.pkl`` is ``{mask_dir}/{stem}.nii`` or ``{stem}.nii.gz``.
+    ``path`` points to the image (``.pkl``, ``.nii``/``.nii.gz``, or a DICOM series folder); a relative path
+    resolves against the CSV's folder. The mask of image ``{stem}.pkl`` (or of the series folder ``{stem}``)
+    is ``{mask_dir}/{stem}.nii`` or ``{stem}.nii.gz``.
     A row with ``ich=0`` and no mask file gets ``label=None``: an empty mask (a negative scan). A row with
     ``ich=1`` and no mask file keeps the expected ``{stem}.nii`` path, which the pre-flight check reports as
     missing. Raises UserError for a missing or empty CSV, missing columns, malformed cells, a missing
@@ -258,7 +259,7 @@ def _stem(path: Path) -> str:
     for suffix in (".nii.gz", ".nii", ".pkl", ".pickle"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return name if path.is_dir() else path.stem  # a DICOM series folder keeps its whole name (UIDs hold dots)
 
 
 def _existing_masks(folder: Path, stem: str) -> list[Path]:
