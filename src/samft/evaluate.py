@@ -1,12 +1,18 @@
-"""`python -m samft.evaluate`: per-case Dice, HD95 (mm), lesion volumes (ml) and detection on each scan's grid."""
+"""`python -m samft.evaluate`: per-case Dice, HD95 (mm), lesion volumes (ml) and detection on each scan's grid.
+
+The masks scored come from a samft checkpoint (`ckpt=`) or from a folder of mask files written by any tool
+(`pred_dir=`: nnU-Net, another samft run's `samft.predict`, `samft.baseline`); both go through one scoring loop.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
@@ -14,9 +20,36 @@ from omegaconf import DictConfig
 from samft.cli import exit_on_user_error, run_entry
 from samft.errors import UserError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 log = logging.getLogger("samft.evaluate")
 BRAIN_WINDOW_HU = (0.0, 80.0)  # overlays: level 40, width 80, where blood (50-90 HU) stands out
 SIZE_BANDS_ML = (("under 1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), ("over 10 ml", 10.0, float("inf")))
+PREDICTION_NAMES = ("{stem}.nii.gz", "{stem}.nii", "{stem}_mask.nii.gz")
+"""The file names of a scan's prediction in `pred_dir`, tried for the scan's stem (`samft.predict` writes the
+last). nnU-Net names its outputs after the case without the `_0000` channel suffix, so that stem is tried too."""
+NNUNET_CHANNEL = "_0000"
+GRID_ATOL_MM = 1e-3
+"""A prediction file is on the mask's grid when every corner voxel lands within this distance (mm)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scan to score: the scan (HU, X x Y x Z), its true mask ({0,1} uint8, same shape) and the affine the
+    metrics use (the mask's header; without a mask file, the scan's own), as training reads them."""
+
+    case_id: str
+    image: Path
+    label: Path | None
+    scan: np.ndarray
+    scan_has_geometry: bool
+    truth: np.ndarray
+    affine: np.ndarray
+
+
+PredictFn = Callable[[Case], "tuple[np.ndarray, str]"]
+"""A case -> (the predicted {0,1} mask X x Y x Z on the case's grid, the mode written to per_case.csv)."""
 
 
 def case_metrics(pred, truth, affine) -> dict[str, float | bool]:
@@ -76,6 +109,7 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def mean(values: list[float]) -> float | None:
         return float(np.mean(values)) if values else None
 
+    negative_volumes = [r["pred_volume_ml"] for r in negatives]  # on a negative every predicted voxel is false
     return {
         "n_cases": len(rows), "n_positive": len(positives), "n_negative": len(negatives),
         "dice_positive_mean": mean([r["dice"] for r in positives]),
@@ -83,58 +117,165 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "volume_abs_error_ml_mean": mean([abs(r["pred_volume_ml"] - r["true_volume_ml"]) for r in positives]),
         "sensitivity": mean([float(r["detected"]) for r in positives]),
         "specificity": mean([float(not r["detected"]) for r in negatives]),
+        "fp_volume_ml_median": float(np.median(negative_volumes)) if negative_volumes else None,
     }
 
 
 def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
-    import numpy as np
-    import pandas as pd
-    from tqdm import tqdm
-
-    from samft.data.readers import read_volume
-    from samft.devices import resolve_device
-    from samft.engine.plots import save_overlay
-    from samft.inference import Predictor
-
-    ckpt = Path(cfg.ckpt)
-    records = _records(cfg, ckpt)
-    device = resolve_device(cfg.device, key="device")
-    predictor = Predictor(ckpt, device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)
-    points = json.loads(Path(cfg.points).read_text()) if cfg.points else {}
-    output = Path(cfg.output)
-    (output / "overlays").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for record in tqdm(records, desc="evaluate", unit="scan"):
-        image = Path(record["image"])
-        scan = read_volume(image).array
-        truth = (read_volume(record["label"]).array > 0).astype(np.uint8) if record["label"] else np.zeros_like(
-            scan, dtype=np.uint8)
-        clicks = points.get(image.name)
-        if clicks is None and cfg.click_from_label and truth.any():
-            clicks = [interior_click(truth)]
-        prediction = predictor.predict(image, points=clicks)
-        pred = prediction.mask(cfg.threshold)
-        rows.append({"case_id": record["case_id"], "mode": "click" if clicks else "auto",
-                     **case_metrics(pred, truth, prediction.affine)})
-        save_overlay(scan, truth, pred, output / "overlays" / f"{record['case_id']}.png",
-                     title=f"{record['case_id']}: Dice {rows[-1]['dice']:.2f}", display_range=BRAIN_WINDOW_HU)
-    pd.DataFrame(rows).to_csv(output / "per_case.csv", index=False)
-    summary = summarize(rows)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """Score the masks of `cfg.ckpt` or of the files in `cfg.pred_dir` (exactly one) against the true masks."""
+    if bool(cfg.ckpt) == bool(cfg.pred_dir):
+        raise UserError("give exactly one of ckpt=<run>/best_model.pth (predict with a samft model) or "
+                        f"pred_dir=<folder of mask files> (score masks any tool wrote); got ckpt={cfg.ckpt}, "
+                        f"pred_dir={cfg.pred_dir}")
+    records = _records(cfg)
+    predict = folder_predictions(Path(cfg.pred_dir), records) if cfg.pred_dir else checkpoint_predictions(cfg)
+    summary = score_cases(records, predict, output=Path(cfg.output))
     print(json.dumps(summary, indent=2))
     return summary
 
 
-def _records(cfg: DictConfig, ckpt: Path) -> list[dict[str, Any]]:
+def score_cases(records: list[dict[str, Any]], predict: PredictFn, *, output: Path) -> dict[str, Any]:
+    """The one scoring loop: per_case.csv, summary.json and overlays/<case>.png under `output`."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from samft.engine.plots import save_overlay
+
+    (output / "overlays").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for record in tqdm(records, desc="evaluate", unit="scan"):
+        case = load_case(record)
+        pred, mode = predict(case)
+        rows.append({"case_id": case.case_id, "mode": mode, **case_metrics(pred, case.truth, case.affine)})
+        save_overlay(case.scan, case.truth, pred, output / "overlays" / f"{case.case_id}.png",
+                     title=f"{case.case_id}: Dice {rows[-1]['dice']:.2f}", display_range=BRAIN_WINDOW_HU)
+    pd.DataFrame(rows).to_csv(output / "per_case.csv", index=False)
+    summary = summarize(rows)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_case(record: dict[str, Any]) -> Case:
+    """Read a record's scan and true mask (an empty mask when `label` is None) on the mask's geometry."""
+    import numpy as np
+
+    from samft.data.readers import read_volume
+
+    image = Path(record["image"])
+    scan = read_volume(image)
+    if record["label"] is None:
+        return Case(record["case_id"], image, None, scan.array, scan.has_geometry,
+                    np.zeros(scan.array.shape, dtype=np.uint8), scan.affine)
+    label = Path(record["label"])
+    mask = read_volume(label)
+    if mask.array.shape != scan.array.shape:
+        raise UserError(f"{label} has shape {mask.array.shape} but its scan {image} has {scan.array.shape}; "
+                        "a mask must be on its scan's voxel grid")
+    return Case(record["case_id"], image, label, scan.array, scan.has_geometry,
+                (mask.array > 0).astype(np.uint8), mask.affine)
+
+
+def checkpoint_predictions(cfg: DictConfig) -> PredictFn:
+    """Masks from a samft checkpoint: prompt-free, or with clicks from `cfg.points` / the label's innermost voxel."""
+    from samft.devices import resolve_device
+    from samft.inference import Predictor
+
+    device = resolve_device(cfg.device, key="device")
+    predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)
+    points = json.loads(Path(cfg.points).read_text()) if cfg.points else {}
+
+    def predict(case: Case) -> tuple[np.ndarray, str]:
+        clicks = points.get(case.image.name)
+        if clicks is None and cfg.click_from_label and case.truth.any():
+            clicks = [interior_click(case.truth)]
+        return predictor.predict(case.image, points=clicks).mask(cfg.threshold), "click" if clicks else "auto"
+
+    return predict
+
+
+def prediction_candidates(pred_dir: Path, case_id: str) -> list[Path]:
+    """The paths in `pred_dir` that may hold the prediction for the scan `<case_id>.pkl|.nii|.nii.gz`, in order."""
+    stems = [case_id]
+    if case_id.endswith(NNUNET_CHANNEL) and len(case_id) > len(NNUNET_CHANNEL):
+        stems.append(case_id[: -len(NNUNET_CHANNEL)])
+    return [pred_dir / name.format(stem=stem) for stem in stems for name in PREDICTION_NAMES]
+
+
+def match_predictions(pred_dir: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
+    """case_id -> its prediction file. Raises one UserError listing every scan without one, or with several."""
+    if not pred_dir.is_dir():
+        raise UserError(f"pred_dir {pred_dir} is not a folder; point it at the folder of predicted masks")
+    if any(r["label"] and Path(r["label"]).parent.resolve() == pred_dir.resolve() for r in records):
+        raise UserError(f"pred_dir {pred_dir} is the mask_dir: it holds the true masks, not predictions")
+    found, missing, ambiguous = {}, [], []
+    for record in records:
+        candidates = prediction_candidates(pred_dir, record["case_id"])
+        existing = [p for p in candidates if p.is_file()]
+        if not existing:
+            missing.append(f"{record['image']} (looked for {', '.join(p.name for p in candidates)})")
+        elif len(existing) > 1:
+            ambiguous.append(f"{record['image']} ({' and '.join(p.name for p in existing)})")
+        else:
+            found[record["case_id"]] = existing[0]
+    for problems, what in ((missing, "have no prediction"), (ambiguous, "have several predictions; keep one")):
+        if problems:
+            shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+            raise UserError(f"{len(problems)} scan(s) {what} in pred_dir {pred_dir}: " + "; ".join(shown))
+    return found
+
+
+def folder_predictions(pred_dir: Path, records: list[dict[str, Any]]) -> PredictFn:
+    """Masks read from files (non-zero = lesion), each checked against its case's grid before it is scored."""
+    import numpy as np
+
+    from samft.data.readers import read_volume
+
+    files = match_predictions(pred_dir, records)  # every file is found before the first scan is scored
+
+    def predict(case: Case) -> tuple[np.ndarray, str]:
+        path = files[case.case_id]
+        prediction = read_volume(path)
+        reference = case.label or case.image
+        if prediction.array.shape != case.truth.shape:
+            raise UserError(f"prediction {path} has shape {prediction.array.shape} but {reference} has "
+                            f"{case.truth.shape}; write each mask on its scan's voxel grid")
+        # a bare .pkl scan tells a tool nothing about its geometry (samft.predict writes the identity there)
+        if case.scan_has_geometry:
+            check_same_grid(prediction.affine, case.affine, shape=case.truth.shape, pred_path=path,
+                            reference_path=reference)
+        values = prediction.array
+        if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+            raise UserError(f"prediction {path} holds fractional values (probabilities?); pred_dir takes masks "
+                            "(non-zero = lesion): threshold it first")
+        return (values != 0).astype(np.uint8), "file"
+
+    return predict
+
+
+def check_same_grid(affine: np.ndarray, reference: np.ndarray, *, shape: tuple[int, ...], pred_path: Path,
+                    reference_path: Path) -> None:
+    """UserError unless the two 4 x 4 affines put every corner of a `shape` grid within GRID_ATOL_MM."""
+    import numpy as np
+
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    distance = float(np.linalg.norm(((np.asarray(affine) - np.asarray(reference)) @ corners)[:3], axis=0).max())
+    if distance > GRID_ATOL_MM:
+        raise UserError(f"prediction {pred_path} is not on the grid of {reference_path}: their affines place "
+                        f"voxels up to {distance:.3g} mm apart; write the mask with its scan's affine")
+
+
+def _records(cfg: DictConfig) -> list[dict[str, Any]]:
     from samft.data import sources
     from samft.data.records import source_records
     from samft.engine.checkpoint import load_checkpoint
 
-    if cfg.input:
-        if not cfg.mask_dir:
-            raise UserError("evaluate with input=<csv> needs mask_dir=<folder of masks>")
+    if cfg.input or cfg.pred_dir:
+        if not cfg.input or not cfg.mask_dir:
+            need = "pred_dir= needs" if cfg.pred_dir else "input=<csv> needs"
+            raise UserError(f"evaluate with {need} input=<csv of scans> and mask_dir=<folder of true masks>")
         return sources.csv_records(Path(cfg.input), Path(cfg.input), Path(cfg.mask_dir))[0]
-    config = load_checkpoint(ckpt)["config"]
+    config = load_checkpoint(Path(cfg.ckpt))["config"]
     from omegaconf import OmegaConf
 
     return source_records(OmegaConf.create(config["data"]), seed=config["seed"])[1]
