@@ -6,6 +6,7 @@ particular order, unsigned stored pixels with ``RescaleIntercept -1024``, obliqu
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -33,7 +34,7 @@ from samft.dicom_seg import write_segmentation
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.errors import UserError
 from samft.model import build_model
-from samft.predict import run_predictions
+from samft.predict import plan_jobs, run_predictions
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -180,6 +181,33 @@ def test_monai_reader_gives_the_same_volume_and_geometry(series) -> None:
     assert tuple(image.shape) == (1, *hu.shape)
     np.testing.assert_array_equal(image[0].numpy(), hu)
     np.testing.assert_allclose(np.asarray(image.affine), affine, atol=1e-3)
+
+
+def test_compressed_series_of_a_real_scanner_slice(tmp_path: Path) -> None:
+    """pydicom's CT_small.dcm (a real CT slice, signed pixels) as a 3-slice series, RLE-compressed: the pixels
+    come back as pydicom decodes them, rescaled to HU."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import RLELossless
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = source.pixel_array.astype(np.int32) * int(source.RescaleSlope) + int(source.RescaleIntercept)
+    folder = tmp_path / "ct_small"
+    folder.mkdir()
+    for k in (2, 0, 1):
+        ds = copy.deepcopy(source)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [_ds(v) for v in (-158.135803, -179.035797, -75.699997 + 5.0 * k)]
+        ds.PixelData = (source.pixel_array + k).astype(source.pixel_array.dtype).tobytes()
+        ds.compress(RLELossless)
+        ds.save_as(folder / f"slice{(k * 7) % 3}.dcm", enforce_file_format=True)
+    assert all(pydicom.dcmread(f).file_meta.TransferSyntaxUID == RLELossless for f in folder.iterdir())
+    volume = read_volume(folder)
+    expected = np.stack([hu.T + k for k in range(3)], axis=-1)
+    np.testing.assert_array_equal(volume.array, expected)
+    spacing = float(source.PixelSpacing[0])
+    np.testing.assert_allclose(volume.affine[:3, :3], np.diag([-spacing, -spacing, 5.0]), atol=1e-6)
+    np.testing.assert_allclose(volume.affine[:3, 3], [158.135803, 179.035797, -75.699997], atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -343,6 +371,25 @@ def _predict_cfg(ckpt: Path, source: Path, output: Path, **extra) -> object:
     return OmegaConf.create({"ckpt": str(ckpt), "input": str(source), "output": str(output), "points": None,
                              "probabilities": False, "threshold": 0.5, "overlap": 0.25, "sw_batch_size": 1,
                              "device": "cpu", "output_format": "nifti", **extra})
+
+
+def test_a_folder_of_series_folders_is_a_batch_named_by_their_paths(tmp_path: Path) -> None:
+    batch, hu = tmp_path / "batch", synthetic_hu()
+    for patient in ("p1", "p2"):
+        write_ct_series(batch / patient / "study" / "CT 5mm", hu, SYNTH_AFFINE)  # same series name twice
+    nib.save(nib.Nifti1Image(hu, SYNTH_AFFINE), batch / "extra.nii.gz")
+    jobs = plan_jobs(source=batch, output=tmp_path / "out", points_file=None, probabilities=True,
+                     output_format="nifti")
+    assert [j.image for j in jobs] == [batch / "extra.nii.gz", batch / "p1/study/CT 5mm", batch / "p2/study/CT 5mm"]
+    assert [j.mask_out.name for j in jobs] == ["extra_mask.nii.gz", "p1_study_CT 5mm_mask.nii.gz",
+                                               "p2_study_CT 5mm_mask.nii.gz"]
+    one = plan_jobs(source=batch / "p1/study/CT 5mm", output=tmp_path / "one.dcm", points_file=None,
+                    probabilities=True, output_format="dicom_seg")
+    assert [(j.image, j.mask_out.name, j.prob_out.name) for j in one] == [
+        (batch / "p1/study/CT 5mm", "one.dcm", "one_prob.dcm")]
+    with pytest.raises(UserError, match=r"extra\.nii\.gz is not a series folder"):
+        plan_jobs(source=batch, output=tmp_path / "out", points_file=None, probabilities=False,
+                  output_format="dicom_seg")
 
 
 def test_predict_writes_nifti_and_seg_on_the_series_grid(series, tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,8 @@ def scan_stem(path: Path) -> str:
 
 
 def list_inputs(source: Path) -> list[Path]:
-    """The scans named by `input`: one file or DICOM series folder, every scan and series folder inside a
-    folder, or the `path` column of a CSV."""
+    """The scans named by `input`: one file or DICOM series folder; the scan files in a folder and every DICOM
+    series folder under it (at any depth: patient/study/series layouts); or the `path` column of a CSV."""
     from samft.data.dicom import is_series_folder
 
     if source.suffix == ".csv":
@@ -51,7 +52,8 @@ def list_inputs(source: Path) -> list[Path]:
     if is_series_folder(source):
         return [source]
     if source.is_dir():
-        scans = sorted(p for p in source.iterdir() if p.name.endswith(SCAN_SUFFIXES) or is_series_folder(p))
+        scans = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(SCAN_SUFFIXES))
+        scans += sorted(Path(folder) for folder, _, _ in os.walk(source) if is_series_folder(folder))
         if not scans:
             raise UserError(
                 f"input folder {source} holds no .nii, .nii.gz or .pkl scans, DICOM files or DICOM series folders"
@@ -60,6 +62,14 @@ def list_inputs(source: Path) -> list[Path]:
     if not source.exists():
         raise UserError(f"input {source} does not exist; pass a scan, a DICOM series folder, a folder of them or a CSV")
     return [source]
+
+
+def output_stem(scan: Path, source: Path) -> str:
+    """The output name of a scan: its stem; a series folder found under the input folder is named by its path
+    there (`patient1/study/CT` -> `patient1_study_CT`), so equally named series of different patients differ."""
+    if scan.is_dir() and source.is_dir() and scan != source and scan.is_relative_to(source):
+        return "_".join(scan.relative_to(source).parts)
+    return scan_stem(scan)
 
 
 def plan_jobs(
@@ -84,10 +94,10 @@ def plan_jobs(
     jobs = []
     for scan in scans:
         if output_format == "dicom_seg":
-            mask_out = output if single_file else output / f"{scan_stem(scan)}_seg.dcm"
+            mask_out = output if single_file else output / f"{output_stem(scan, source)}_seg.dcm"
             prob_out = mask_out.with_name(mask_out.name[: -len(".dcm")] + "_prob.dcm")
         else:
-            mask_out = output if single_file else output / f"{scan_stem(scan)}_mask.nii.gz"
+            mask_out = output if single_file else output / f"{output_stem(scan, source)}_mask.nii.gz"
             prob_out = mask_out.with_name(mask_out.name.replace("_mask", "").replace(".nii", "_prob.nii", 1))
         jobs.append(Job(scan, mask_out, prob_out if probabilities else None, points.get(scan.name)))
     return jobs
