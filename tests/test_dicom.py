@@ -59,6 +59,7 @@ def write_ct_series(
     slope: float = 1.0,
     skip: tuple[int, ...] = (),
     seed: int = 0,
+    decimals: int | None = None,
 ) -> str:
     """Write ``hu`` (X x Y x Z, whole HU) on the RAS ``affine`` as one DICOM file per slice; returns the
     SeriesInstanceUID. Stored pixels are uint16 = (HU - intercept) / slope; file names are shuffled."""
@@ -92,7 +93,8 @@ def write_ct_series(
         ds.Manufacturer = "GE MEDICAL SYSTEMS"
         ds.InstanceNumber = int(names[k]) + 1  # deliberately not the slice order either
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [_ds(v) for v in lps @ np.array([0.0, 0.0, k, 1.0])][:3]
+        position = (lps @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        ds.ImagePositionPatient = [_ds(v if decimals is None else round(v, decimals)) for v in position]
         ds.ImageOrientationPatient = [_ds(v) for v in orientation]
         ds.PixelSpacing = [_ds(row_spacing), _ds(col_spacing)]
         ds.SliceThickness = _ds(np.linalg.norm(lps[:3, 2]))
@@ -162,6 +164,12 @@ def test_slices_are_ordered_along_the_normal_not_by_name(tmp_path: Path) -> None
     np.testing.assert_allclose(affine[:3, 2], -flipped[:3, 2], atol=1e-4)
 
 
+def test_positions_rounded_by_the_scanner_are_not_a_missing_slice(tmp_path: Path) -> None:
+    thin = oblique_affine((0.45, 0.45, 0.625), (3.0, -5.0, 8.0), (-100.0, 80.0, -20.0))
+    write_ct_series(tmp_path / "s", synthetic_hu((16, 12, 24)), thin, decimals=2)
+    np.testing.assert_allclose(read_volume(tmp_path / "s").affine, thin, atol=0.01)
+
+
 def test_rescale_is_applied_per_slice(tmp_path: Path) -> None:
     hu = synthetic_hu(seed=2)
     intercepts = [-1024.0, -2048.0, -1024.0, -1100.0, -1024.0, -3000.0, -1024.0, -1024.0]
@@ -208,6 +216,12 @@ def test_compressed_series_of_a_real_scanner_slice(tmp_path: Path) -> None:
     spacing = float(source.PixelSpacing[0])
     np.testing.assert_allclose(volume.affine[:3, :3], np.diag([-spacing, -spacing, 5.0]), atol=1e-6)
     np.testing.assert_allclose(volume.affine[:3, 3], [158.135803, 179.035797, -75.699997], atol=1e-5)
+    mask = (volume.array > 1000).astype(np.uint8)  # the scanner's own headers carry into a SEG too
+    write_segmentation(series_folder=folder, mask=mask, affine=volume.affine, output=tmp_path / "seg.dcm",
+                       checkpoint=Path("best_model.pth"))
+    seg, read_back = read_seg(tmp_path / "seg.dcm", folder)
+    np.testing.assert_array_equal(read_back, mask)
+    assert seg.PatientID == source.PatientID and seg.StudyInstanceUID == source.StudyInstanceUID
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,9 @@ from samft.errors import UserError
 log = logging.getLogger(__name__)
 
 SPACING_RTOL = 0.01
-"""Slice gaps may differ from the mean gap by this fraction (scanners round positions); more is refused."""
+SPACING_ATOL_MM = 0.02
+"""A slice gap may differ from the mean gap by the larger of these (1 %, 0.02 mm: scanners round positions, to
+0.01 mm for example); more is a missing slice or mixed spacing, refused."""
 TILT_TOL_DEG = 0.1
 """The slice step may deviate from the slice normal by this angle (rounding); more is gantry tilt, refused."""
 NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "REG", "DOC"})
@@ -200,7 +202,7 @@ def _check_geometry(folder: Path, slices: list[tuple[Path, Dataset]]) -> DicomSe
             "mixes acquisitions or holds duplicate files (keep one)"
         )
     mean_gap = (along[-1] - along[0]) / (len(slices) - 1)
-    uneven = np.abs(gaps - mean_gap) > SPACING_RTOL * mean_gap
+    uneven = np.abs(gaps - mean_gap) > max(SPACING_RTOL * mean_gap, SPACING_ATOL_MM)
     if uneven.any():
         shown = ", ".join(
             f"{gaps[i]:.2f} mm after {slices[i][0].name}" for i in np.flatnonzero(uneven)[:3]
