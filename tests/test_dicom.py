@@ -16,6 +16,7 @@ from pathlib import Path
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from monai.transforms import LoadImage
@@ -194,7 +195,6 @@ def test_monai_reader_gives_the_same_volume_and_geometry(series) -> None:
 def test_compressed_series_of_a_real_scanner_slice(tmp_path: Path) -> None:
     """pydicom's CT_small.dcm (a real CT slice, signed pixels) as a 3-slice series, RLE-compressed: the pixels
     come back as pydicom decodes them, rescaled to HU."""
-    import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import RLELossless
 
@@ -232,6 +232,7 @@ def test_compressed_series_of_a_real_scanner_slice(tmp_path: Path) -> None:
         ("mr", "is MR, not CT"),
         ("gantry_tilt", "gantry tilt"),
         ("duplicate", "same position"),
+        ("multiframe", "multi-frame"),
         ("empty", "no DICOM files"),
     ],
 )
@@ -251,6 +252,12 @@ def test_bad_series_are_refused_in_one_line(tmp_path: Path, case: str, expected:
     elif case == "duplicate":
         uid = write_ct_series(folder, hu, SYNTH_AFFINE)
         write_ct_series(folder, hu[:, :, :1], SYNTH_AFFINE, series_uid=uid, seed=3)
+    elif case == "multiframe":
+        write_ct_series(folder, hu, SYNTH_AFFINE)
+        one = next(folder.iterdir())
+        ds = pydicom.dcmread(one)
+        ds.NumberOfFrames = 2  # an enhanced (multi-frame) object among the slices
+        ds.save_as(one)
     else:
         folder.mkdir()
         (folder / "notes.txt").write_text("no images here")
@@ -355,6 +362,8 @@ def test_seg_holds_the_mask_references_the_series_and_codes_the_bleed(series, tm
     np.testing.assert_array_equal(read_back, mask)
     assert_seg_on_series(seg, folder)
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    shutil.copy(tmp_path / "out" / "seg.dcm", folder / "seg.dcm")  # a SEG saved beside its slices is no slice
+    np.testing.assert_array_equal(read_volume(folder).array, hu)
     description = seg.get_segment_description(1)
     assert description.segmented_property_type.value == "1386000"  # SNOMED CT: intracranial hemorrhage
     assert description.segmented_property_type.scheme_designator == "SCT"
