@@ -10,13 +10,19 @@ from omegaconf import DictConfig
 
 from samft.data.transforms import Preprocessing
 from samft.engine import (
+    CURVES,
+    CSVLogger,
+    MLflowLogger,
+    MultiLogger,
     NoneLogger,
     RunLogger,
     Schedule,
+    TensorBoardLogger,
     TrainSettings,
     WandbLogger,
     build_optimizer,
     build_scheduler,
+    default_tracking_uri,
     updates_per_epoch,
 )
 from samft.model import param_groups
@@ -65,7 +71,26 @@ def optimizer_and_scheduler(
 
 
 def build_logger(logger: DictConfig, *, run_dir: Path, config: dict[str, Any]) -> RunLogger:
-    if logger.name == "wandb":
+    """The tracker `logger.name` selects, or a MultiLogger over `logger.loggers` for logger=many. `config` is the
+    resolved config the trackers record (each redacts it again); the default MLflow store sits in its
+    `output_dir`."""
+    names = list(logger.loggers) if logger.name == "many" else [logger.name]
+    built = [_one_logger(name, logger, run_dir=run_dir, config=config) for name in names if name != "none"]
+    if not built:
+        return NoneLogger()
+    return built[0] if len(built) == 1 else MultiLogger(built)
+
+
+def _one_logger(name: str, logger: DictConfig, *, run_dir: Path, config: dict[str, Any]) -> RunLogger:
+    if name == "wandb":
         return WandbLogger(project=logger.project, entity=logger.entity, tags=list(logger.tags), mode=logger.mode,
                            run_dir=run_dir, config=config)
-    return NoneLogger()
+    if name == "tensorboard":
+        return TensorBoardLogger(log_dir=run_dir / "tensorboard", config=config)
+    if name == "csv":
+        return CSVLogger(path=run_dir / "metrics.csv")
+    if name == "mlflow":
+        uri = logger.tracking_uri or default_tracking_uri(Path(config.get("output_dir") or run_dir))
+        return MLflowLogger(tracking_uri=uri, experiment=logger.project, run_dir=run_dir, run_name=logger.run_name,
+                            tags=list(logger.tags), config=config, artifacts=(CURVES,))
+    raise ValueError(f"unknown tracker {name!r}")  # config.validate admits only LOGGER_TRACKERS

@@ -96,12 +96,25 @@ class HardwareConfig:
 @dataclass
 class LoggerConfig:
     name: str = "none"
+    # logger=many: the trackers that run together (any of LOGGER_TRACKERS)
+    loggers: list[str] = field(default_factory=list)
+    # wandb project; also the MLflow experiment name
     project: str = "samft"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "online"
+    # MLflow: sqlite:///file.db, a folder, or http(s)://server; null: sqlite:///<output_dir>/mlflow.db
+    tracking_uri: str | None = None
+    # MLflow run name; null: the run directory's name
+    run_name: str | None = None
     log_images: bool = False
     log_freq: int = 5
+
+
+# The trackers `logger=<name>` selects alone and `logger=many logger.loggers=[...]` combines.
+LOGGER_TRACKERS = ("wandb", "tensorboard", "mlflow", "csv")
+# The config groups of conf/train.yaml's defaults list.
+CONFIG_GROUPS = ("data", "model", "optim", "scheduler", "hardware", "logger", "experiment", "hparams_search")
 
 
 @dataclass
@@ -149,7 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16", "fp16"),
     "hardware.backend": ("auto", "nccl", "gloo"),
-    "logger.name": ("none", "wandb"),
+    "logger.name": ("none", *LOGGER_TRACKERS, "many"),
     "logger.mode": ("online", "offline", "disabled"),
     "trial.pruner": ("none", "median", "hyperband"),
     "oom_policy": ("skip", "halve"),
@@ -223,6 +236,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_ranges(typed)
     _check_model(typed)
     _check_sources(typed)
+    _check_loggers(typed)
     return typed
 
 
@@ -295,6 +309,30 @@ def _check_sources(cfg: DictConfig) -> None:
         )
     if cfg.resume not in ("auto", "never") and not os.path.isfile(cfg.resume):
         raise UserError(f"config key 'resume' is {cfg.resume!r}: no such file; use auto, never or a checkpoint path")
+
+
+def _check_loggers(cfg: DictConfig) -> None:
+    chosen, name = list(cfg.logger.loggers), cfg.logger.name
+    if name != "many":
+        if chosen:
+            raise UserError(f"config key 'logger.loggers' is {chosen} but logger={name}; it is read only with "
+                            f"logger=many (e.g. logger=many logger.loggers=[csv,mlflow])")
+        return
+    unknown = [t for t in chosen if t not in LOGGER_TRACKERS]
+    if not chosen or unknown or len(set(chosen)) < len(chosen):
+        raise UserError(f"config key 'logger.loggers' is {chosen}; with logger=many give one or more distinct "
+                        f"trackers out of {', '.join(LOGGER_TRACKERS)}, e.g. logger.loggers=[csv,mlflow]")
+
+
+def refuse_list_selection(overrides: list[str]) -> None:
+    """Refuse Hydra's `group=[a,b]`: it merges the option files into one node, so the last file's keys win
+    silently (with `logger=[csv,mlflow]` only MLflow would log). `overrides` are the command-line overrides."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in CONFIG_GROUPS and value.strip().startswith("["):
+            hint = (" for several trackers use logger=many logger.loggers=" + value.strip().replace(" ", "")
+                    if key == "logger" else "")
+            raise UserError(f"'{override}': config group '{key}' takes one option;{hint or ' choose one'}")
 
 
 def risky_settings(cfg: DictConfig) -> list[str]:

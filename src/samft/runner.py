@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from samft import distributed
 from samft.cli import in_multirun
-from samft.config import risky_settings, validate
+from samft.config import refuse_list_selection, risky_settings, validate
 from samft.errors import UserError
 from samft.provenance import provenance
 
@@ -26,7 +26,9 @@ log = logging.getLogger("samft")
 
 def train(cfg: DictConfig) -> float:
     """Run one training job and return the best validation metric (always finite, for Optuna)."""
-    return train_at(validate(cfg), Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    refuse_list_selection(list(hydra_cfg.overrides.task))
+    return train_at(validate(cfg), Path(hydra_cfg.runtime.output_dir))
 
 
 def train_at(cfg: DictConfig, run_dir: Path) -> float:

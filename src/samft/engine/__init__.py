@@ -1,7 +1,17 @@
 """Training engine: the Trainer and its parts (optimiser/schedules, checkpoints, metrics, monitoring, loggers)."""
 
 from samft.engine.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
-from samft.engine.loggers import NoneLogger, RunLogger, WandbLogger
+from samft.engine.loggers import (
+    CSVLogger,
+    MLflowLogger,
+    MultiLogger,
+    NoneLogger,
+    RunLogger,
+    TensorBoardLogger,
+    WandbLogger,
+    default_tracking_uri,
+    tracker_key,
+)
 from samft.engine.loop import CURVES, SUMMARY, EpochCallback, Trainer
 from samft.engine.metrics import SegmentationMetrics, ValidationResult, evaluate
 from samft.engine.monitor import system_check
@@ -10,23 +20,29 @@ from samft.engine.settings import TrainSettings
 
 __all__ = [
     "BEST",
+    "CSVLogger",
     "CURVES",
     "EpochCallback",
     "LATEST",
+    "MLflowLogger",
+    "MultiLogger",
     "SUMMARY",
     "NoneLogger",
     "RunLogger",
     "Schedule",
     "SegmentationMetrics",
+    "TensorBoardLogger",
     "TrainSettings",
     "Trainer",
     "ValidationResult",
     "WandbLogger",
     "build_optimizer",
     "build_scheduler",
+    "default_tracking_uri",
     "evaluate",
     "load_checkpoint",
     "save_checkpoint",
     "system_check",
+    "tracker_key",
     "updates_per_epoch",
 ]
