@@ -106,6 +106,8 @@ def test_ckpt_and_pred_dir_are_exclusive(tmp_path: Path, given: dict[str, str]) 
 def test_pred_dir_needs_input_and_mask_dir(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="pred_dir= needs input=<csv of scans> and mask_dir="):
         evaluate_cases(_cfg(pred_dir=tmp_path, output=tmp_path / "eval"))
+    with pytest.raises(UserError, match="the masks in pred_dir are already made"):
+        evaluate_cases(_cfg(pred_dir=tmp_path, click_from_label=True, output=tmp_path / "eval"))
 
 
 def test_prediction_with_another_shape_names_both_files(tmp_path: Path) -> None:

@@ -127,6 +127,9 @@ def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("give exactly one of ckpt=<run>/best_model.pth (predict with a samft model) or "
                         f"pred_dir=<folder of mask files> (score masks any tool wrote); got ckpt={cfg.ckpt}, "
                         f"pred_dir={cfg.pred_dir}")
+    if cfg.pred_dir and (cfg.points or cfg.click_from_label):
+        raise UserError("points= and click_from_label= prompt a samft model (ckpt=); the masks in pred_dir are "
+                        "already made: drop them")
     records = _records(cfg)
     predict = folder_predictions(Path(cfg.pred_dir), records) if cfg.pred_dir else checkpoint_predictions(cfg)
     summary = score_cases(records, predict, output=Path(cfg.output))
