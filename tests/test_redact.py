@@ -14,6 +14,8 @@ from samft.redact import redact
     ("mysql://u:p@h/db and redis://:tok@cache:6379/0", "mysql://u:***@h/db and redis://:***@cache:6379/0"),
     ("postgresql://db/optuna?user=u&password=s3cret&sslmode=require",
      "postgresql://db/optuna?user=u&password=***&sslmode=require"),
+    # as Hydra escapes an override value in its log and in .hydra/overrides.yaml
+    (r"storage=postgresql\://samft\:s3cret@db\:5432/optuna", r"storage=postgresql\://samft\:***@db\:5432/optuna"),
 ])
 def test_url_passwords_are_masked(text: str, expected: str) -> None:
     assert redact(text) == expected

@@ -14,8 +14,9 @@ from typing import Any
 MASK = "***"
 
 # scheme://user:password@host: the password runs to the last '@' of the token (a raw '/', ':' or '@' inside
-# it is still hidden, as SQLAlchemy accepts such passwords), never across whitespace or quotes.
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)(?P<password>[^\s'\"]*)@")
+# it is still hidden, as SQLAlchemy accepts such passwords), never across whitespace or quotes. Hydra writes
+# override values with ':' escaped (`postgresql\://u\:pw@h`), hence the optional backslashes.
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^:/@\s'\"\\]*\\?:)(?P<password>[^\s'\"]*)@")
 # ...?password=secret&... (libpq and SQLAlchemy also take the password as a query parameter)
 _QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)(?P<password>[^&\s'\"#]*)", re.IGNORECASE)
 

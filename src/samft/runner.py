@@ -20,6 +20,7 @@ from samft.cli import in_multirun
 from samft.config import refuse_list_selection, risky_settings, validate
 from samft.errors import UserError
 from samft.provenance import provenance
+from samft.redact import redact
 
 log = logging.getLogger("samft")
 
@@ -89,7 +90,7 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
     device = _device(cfg.hardware.device)
     if device.type == "cuda" and distributed.is_active():
         device = distributed.cuda_device()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # no URL password in any file or tracker
     if main:
         for warning in risky_settings(cfg) + system_check(run_dir, device=str(device)):
             log.warning(warning)

@@ -1,12 +1,18 @@
 """A Hydra app that stands in for samft.train in sweeper tests: it reports per-epoch values to its Optuna
-trial exactly as samft.runner does, and fails, returns NaN or reports bad values on request."""
+trial exactly as samft.runner does, and fails, returns NaN, reports bad values, runs for a while or ends as a
+Ctrl-C'd training run does (summary.json with stop_reason "interrupted", best score so far returned) on request."""
 
+import json
 import math
+import time
+from pathlib import Path
 
 import hydra
 import optuna
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from samft.cli import run_entry
 from samft.sweep.pruning import TrialReporter
 
 
@@ -17,6 +23,11 @@ def task(cfg: DictConfig) -> float:
         raise RuntimeError(f"trial {number} fails on purpose")
     if number == cfg.nan_trial:
         return math.nan
+    time.sleep(cfg.sleep_s)
+    if number == cfg.interrupt_trial:
+        summary = {"stop_reason": "interrupted", "epochs_run": 1, "best_metric": cfg.x}
+        (Path(HydraConfig.get().runtime.output_dir) / "summary.json").write_text(json.dumps(summary))
+        return cfg.x
     reporter = TrialReporter(storage=cfg.trial.storage, study_name=cfg.trial.study_name, number=number,
                              pruner=cfg.trial.pruner)
     value = 0.0 if number == cfg.bad_trial else cfg.x
@@ -27,4 +38,4 @@ def task(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    task()
+    run_entry(task)  # as samft.train: user errors (a damaged study database, ...) as one line, exit code 2

@@ -9,11 +9,15 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from samft.redact import redact
+from samft.sweep.liveness import REASON_ATTR, WORKER_ATTR
+
 log = logging.getLogger(__name__)
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, objective, each parameter, epochs run, run directory."""
+    """One row per trial: number, state, objective, each parameter, epochs run, run directory, the worker that
+    ran it and why it failed; URL passwords masked."""
     rows = []
     for trial in study.trials:
         rows.append({
@@ -23,8 +27,15 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
             **{f"param:{k}": v for k, v in trial.params.items()},
             "epochs_run": trial.user_attrs.get("epochs_run"),
             "run_dir": trial.user_attrs.get("run_dir"),
+            "worker": _worker(trial.user_attrs.get(WORKER_ATTR)),
+            "fail_reason": trial.user_attrs.get(REASON_ATTR),
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(redact(rows))
+
+
+def _worker(worker: object) -> str | None:
+    """host:pid of the sweep worker that ran the trial."""
+    return f"{worker.get('host')}:{worker.get('pid')}" if isinstance(worker, dict) else None
 
 
 def write_report(study: optuna.Study, sweep_dir: Path) -> None:
@@ -37,7 +48,7 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> None:
         print("no trial completed")
         return
     best = study.best_trial
-    print(f"best trial {best.number}: {best.value:.4f} {best.params}")
+    print(f"best trial {best.number}: {best.value:.4f} {redact(best.params)}")
     print(f"best run directory: {best.user_attrs.get('run_dir')}")
     (sweep_dir / "best_run.txt").write_text(f"{best.user_attrs.get('run_dir')}\n")
     try:

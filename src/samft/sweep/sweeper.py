@@ -3,104 +3,214 @@
 Over the stock hydra-optuna-sweeper 1.3 it adds: a default sqlite study in the sweep folder so that the
 same command continues a crashed sweep; job folders named after the trial number (never overwritten);
 a fresh sampler stream on resume (a seeded sampler would repeat the first sweep's parameters); failed and
-non-finite trials recorded as FAIL while the sweep goes on; pruned trials recorded as PRUNED; and the
-trial table and plots written at the end (samft.sweep.report).
+non-finite trials recorded as FAIL while the sweep goes on; pruned trials recorded as PRUNED; Ctrl-C recorded
+as FAIL for the interrupted trial, which ends the sweep; heartbeats, so trials of a killed worker end FAIL
+instead of RUNNING for ever (samft.sweep.liveness); database failures as one line (samft.sweep.storage); no
+credential in any file the jobs write; and the trial table and plots written at the end (samft.sweep.report).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import read_write
 
+from samft.redact import redact
+from samft.sweep.liveness import REASON_ATTR, WORKER_ATTR, Heartbeat, fail_dead_trials, worker_identity
 from samft.sweep.pruning import make_pruner
 from samft.sweep.report import write_report
+from samft.sweep.storage import database_errors, open_storage
 
 log = logging.getLogger(__name__)
 
 STORAGE_ENV = "SAMFT_OPTUNA_STORAGE"
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+_OVERRIDE_ESCAPE = re.compile(r"\\([\\()\[\]{}:=, \t])")  # what Hydra escapes in an unquoted override value
 
 
 class PruningSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *, pruner: str, **kwargs: Any) -> None:
+    def __init__(self, *, pruner: str, heartbeat_interval: int = 30, grace_period: int = 120,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pruner_name = pruner
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
 
     def sweep(self, arguments: list[str]) -> None:
         self._process_searchspace_config()
         distributions, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
         for name in fixed:
             distributions.pop(name, None)
+        fixed = {name: _hidden(value) for name, value in fixed.items()}
+        self._hide_hydra_override_secrets()
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        storage = self.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
-        study = optuna.create_study(
-            study_name=self.study_name, storage=storage, sampler=self.sampler,
-            direction=self._get_directions()[0], pruner=make_pruner(self.pruner_name), load_if_exists=True,
-        )
-        if study.trials:
-            log.info("continuing study %s with %d earlier trials", study.study_name, len(study.trials))
-            self.sampler.reseed_rng()
-        identity = (f"trial.study_name={study.study_name}", f"trial.storage='{_storage_for_jobs(storage)}'",
+        url = self.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+        storage = open_storage(url, heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
+        with database_errors(url):
+            study = optuna.create_study(
+                study_name=self.study_name, storage=storage, sampler=self.sampler,
+                direction=self._get_directions()[0], pruner=make_pruner(self.pruner_name), load_if_exists=True,
+            )
+            fail_dead_trials(study, storage, grace_period=self.grace_period)
+            if study.trials:
+                log.info("continuing study %s with %d earlier trials", study.study_name, len(study.trials))
+                self.sampler.reseed_rng()
+            with Heartbeat(storage, interval=self.heartbeat_interval) as heartbeat:
+                interrupted = self._run_trials(study, storage, heartbeat, distributions, fixed, url)
+            write_report(study, sweep_dir)
+        if interrupted is not None:
+            print(f"sweep stopped by Ctrl-C: trial {interrupted} recorded as FAIL (its folder keeps "
+                  "latest_model.pth); rerun the same command to continue the study with new trials", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+
+    def _run_trials(self, study: optuna.Study, storage: Any, heartbeat: Heartbeat,
+                    distributions: dict[str, Any], fixed: dict[str, Any], url: str) -> int | None:
+        """Ask, launch and tell batches of `n_jobs` trials until this worker's `n_trials` are done; returns
+        the number of the trial that Ctrl-C interrupted (the sweep then stops), else None."""
+        identity = (f"trial.study_name={study.study_name}", f"trial.storage='{_storage_for_jobs(url)}'",
                     f"trial.pruner={self.pruner_name}")
+        worker = worker_identity()
         remaining = self.n_trials
         while remaining > 0:
+            fail_dead_trials(study, storage, grace_period=self.grace_period)
             batch = min(self.n_jobs, remaining)
-            trials = [study.ask() for _ in range(batch)]
+            trials = []
+            for _ in range(batch):
+                trial = study.ask()
+                heartbeat.add(trial._trial_id)
+                trial.set_user_attr(WORKER_ATTR, worker)
+                trials.append(trial)
             overrides = [
                 (*params, f"trial.number={trial.number}", *identity)
                 for trial, params in zip(trials, self._configure_trials(trials, distributions, fixed))
             ]
-            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            try:
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except KeyboardInterrupt:  # a second Ctrl-C inside a job, or one outside the training loop
+                for trial in trials:
+                    _fail(study, trial, "interrupted by Ctrl-C")
+                return trials[0].number
+            finally:
+                for trial in trials:
+                    heartbeat.discard(trial._trial_id)
             self.job_idx += len(returns)
-            failures = sum(_tell(study, trial, ret) for trial, ret in zip(trials, returns))
+            outcomes = [_tell(study, trial, ret) for trial, ret in zip(trials, returns)]
+            stopped = [trial.number for trial, outcome in zip(trials, outcomes) if outcome == "interrupted"]
+            if stopped:
+                return stopped[0]
+            failures = sum(outcome == "failed" for outcome in outcomes)
             if failures / len(returns) > self.max_failure_rate:
                 raise RuntimeError(
                     f"{failures} of {len(returns)} trials failed, above max_failure_rate={self.max_failure_rate}"
                 )
             remaining -= batch
-        write_report(study, sweep_dir)
+        return None
+
+    def _hide_hydra_override_secrets(self) -> None:
+        """A URL with a password typed as a hydra override (`hydra.sweeper.storage=postgresql://u:pw@...`) would
+        land in every job's .hydra/hydra.yaml: the jobs get an environment reference to it instead."""
+        hydra_overrides = self.config.hydra.overrides.hydra
+        with read_write(hydra_overrides):
+            for i, override in enumerate(hydra_overrides):
+                key, sep, value = override.partition("=")
+                if sep and redact(value) != value:
+                    hydra_overrides[i] = f"{key}={_hidden(value)}"
+
+
+def _hidden(value: Any) -> Any:
+    """A string holding a URL password becomes `${oc.env:NAME}`, NAME an environment variable of this process
+    (inherited by local and SLURM jobs) holding it, so that jobs resolve it but never write it. `value` may be
+    escaped as in an override (`postgresql\\://u\\:pw@h`, how the stock sweeper passes fixed values)."""
+    if not isinstance(value, str) or redact(value) == value:
+        return value
+    value = _OVERRIDE_ESCAPE.sub(r"\1", value)
+    if os.environ.get(STORAGE_ENV) == value:
+        name = STORAGE_ENV
+    else:
+        name = "SAMFT_SECRET_" + hashlib.sha256(value.encode()).hexdigest()[:12].upper()
+        os.environ[name] = value
+    return "${oc.env:" + name + "}"
 
 
 def _storage_for_jobs(storage: str) -> str:
-    """What the jobs (and their saved overrides.yaml) get: the env-var reference instead of a URL with
-    credentials, when the URL came from SAMFT_OPTUNA_STORAGE."""
-    if os.environ.get(STORAGE_ENV) == storage:
-        return "${oc.env:" + STORAGE_ENV + "}"
-    return storage
+    """What the jobs (and their saved overrides.yaml) get: an environment reference instead of a URL with
+    credentials (SAMFT_OPTUNA_STORAGE when the URL came from it)."""
+    return _hidden(storage)
 
 
-def _tell(study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> bool:
-    """Record one job's outcome; returns True when the trial failed."""
-    run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else None
-    if run_dir is not None:
-        trial.set_user_attr("run_dir", str(run_dir))
-        summary = run_dir / "summary.json"
-        if summary.exists():
-            trial.set_user_attr("epochs_run", json.loads(summary.read_text()).get("epochs_run"))
-    if ret.status == JobStatus.FAILED:
-        error = ret._return_value
-        if isinstance(error, optuna.TrialPruned):
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            log.info("trial %d pruned", trial.number)
-            return False
-        log.warning("trial %d failed: %s", trial.number, error)
+def _fail(study: optuna.Study, trial: optuna.trial.Trial, reason: str) -> None:
+    """Record `trial` as FAIL with `reason`, unless it is already finished (another worker may have failed it)."""
+    try:
+        trial.set_user_attr(REASON_ATTR, reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return True
+    except RuntimeError as err:
+        log.warning("trial %d could not be recorded as failed: %s", trial.number, err)
+
+
+def _tell(study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> str:
+    """Record one job's outcome: "completed", "pruned", "failed", or "interrupted" (Ctrl-C ended the run early:
+    recorded as FAIL, since its score is truncated)."""
+    run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else None
+    summary = _summary(run_dir)
+    try:
+        if run_dir is not None:
+            trial.set_user_attr("run_dir", str(run_dir))
+            trial.set_user_attr("epochs_run", summary.get("epochs_run"))
+        return _record(study, trial, ret, stop_reason=summary.get("stop_reason"))
+    except RuntimeError as err:  # marked FAIL meanwhile by another worker that saw no heartbeat
+        log.warning("trial %d finished after another worker had marked it failed: %s", trial.number, err)
+        return "failed"
+
+
+def _record(study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn, *, stop_reason: str | None) -> str:
+    error = ret._return_value if ret.status == JobStatus.FAILED else None
+    if isinstance(error, optuna.TrialPruned):
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        log.info("trial %d pruned", trial.number)
+        return "pruned"
+    if stop_reason == "interrupted":  # returned its best score so far, or failed for want of one
+        log.warning("trial %d was interrupted by Ctrl-C; recorded as failed (its score is truncated)", trial.number)
+        trial.set_user_attr(REASON_ATTR, "interrupted by Ctrl-C")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return "interrupted"
+    if ret.status == JobStatus.FAILED:
+        log.warning("trial %d failed: %s", trial.number, redact(str(error)))
+        trial.set_user_attr(REASON_ATTR, redact(str(error).strip().splitlines()[0] if str(error).strip() else
+                                                type(error).__name__))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return "failed"
     try:
         value = float(ret.return_value)
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value):
         log.warning("trial %d returned %r; recorded as failed", trial.number, ret.return_value)
+        trial.set_user_attr(REASON_ATTR, f"returned {ret.return_value!r}")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return True
+        return "failed"
     study.tell(trial, value)
-    return False
+    return "completed"
+
+
+def _summary(run_dir: Path | None) -> dict[str, Any]:
+    """The job's summary.json (stop reason, epochs run), {} when it wrote none."""
+    path = run_dir / "summary.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+

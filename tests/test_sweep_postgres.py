@@ -1,0 +1,124 @@
+"""Parallel sweep workers on a real PostgreSQL server: one study, three `python -m samft.train -m` workers at once,
+one killed with SIGKILL in the middle of a trial, a restarted worker, and no password in any file.
+
+The server is started by the session fixture below (tests/postgres_server.py); the test is skipped only where no
+PostgreSQL binary exists, and fails instead when SAMFT_REQUIRE_POSTGRES=1 (set by .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from postgres_server import Server, find_bin, running_server
+
+from samft.data.demo import ensure_demo_dataset
+from samft.sweep.liveness import REASON_ATTR, WORKER_ATTR
+
+STUDY = "ich_optuna"
+# the cheapest real trial: the smoke experiment, one epoch of one step
+TINY = ("experiment=smoke", "epochs=1", "max_steps_per_epoch=1", "hparams_search.pruner=none",
+        "hardware.num_workers=0")
+ENV_STORAGE = "hparams_search.storage=${oc.env:SAMFT_OPTUNA_STORAGE}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Server]:
+    """A PostgreSQL server for the session (as an unprivileged user when the tests run as root)."""
+    bin_dir = find_bin()
+    if bin_dir is None:
+        reason = ("no PostgreSQL server binaries (initdb, pg_ctl) on PATH, in /usr/lib/postgresql/*/bin or in "
+                  "SAMFT_PG_BIN; install PostgreSQL (Debian: apt-get install postgresql) to run this test")
+        if os.environ.get("SAMFT_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with running_server(bin_dir) as server:
+        yield server
+
+
+def start_worker(root: Path, name: str, *, n_trials: int, storage_override: str, env: dict) -> subprocess.Popen:
+    """`python -m samft.train -m hparams_search=ich_optuna ...` writing into root/name, its console in
+    root/name.console (so the password check covers what it prints as well)."""
+    console = open(root / f"{name}.console", "a")  # noqa: SIM115 (closed with the process by the OS)
+    return subprocess.Popen(
+        [sys.executable, "-m", "samft.train", "-m", "hparams_search=ich_optuna", *TINY,
+         f"hparams_search.n_trials={n_trials}", storage_override, f"output_dir={root / name}",
+         f"data.demo_dir={root / 'demo'}"],
+        stdout=console, stderr=subprocess.STDOUT, cwd=root, env=env,
+    )
+
+
+def wait_for(predicate, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_three_workers_share_a_study_and_a_killed_workers_trial_ends_failed(postgres: Server,
+                                                                            tmp_path: Path) -> None:
+    url = postgres.create_database("sweep_workers")
+    ensure_demo_dataset(root=tmp_path / "demo", n_patients=4, seed=0)  # once, not raced by three workers
+    env = {**os.environ, "SAMFT_OPTUNA_STORAGE": url, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # a fresh database: the three workers set up its tables and the study at the same moment
+    workers = {
+        "a": start_worker(tmp_path, "a", n_trials=2, storage_override=ENV_STORAGE, env=env),
+        # the URL typed on the command line instead of the environment: still never written by a job
+        "b": start_worker(tmp_path, "b", n_trials=1, storage_override=f"hparams_search.storage={url}", env=env),
+        "c": start_worker(tmp_path, "c", n_trials=2, storage_override=ENV_STORAGE, env=env),
+    }
+    pids = {name: proc.pid for name, proc in workers.items()}
+    sweep_c = tmp_path / "c" / "sweeps" / STUDY
+    wait_for(lambda: any(sweep_c.glob("trial_*/train.log")) or workers["c"].poll() is not None, timeout=240,
+             what="worker c to start its first trial")
+    assert workers["c"].poll() is None, (tmp_path / "c.console").read_text()[-3000:]
+    [killed_dir] = list(sweep_c.glob("trial_*"))
+    assert not (killed_dir / "summary.json").exists()  # mid-trial
+    workers["c"].send_signal(signal.SIGKILL)
+    workers["c"].wait()
+    # restarted at once (as a supervisor would), while the other two are still sweeping
+    restarted = start_worker(tmp_path, "c", n_trials=1, storage_override=ENV_STORAGE, env=env)
+    for name, proc in (("a", workers["a"]), ("b", workers["b"]), ("c", restarted)):
+        assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.console").read_text()[-3000:]
+
+    trials = optuna.load_study(study_name=STUDY, storage=url).trials
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(len(trials))) == list(range(5))  # unique, no gaps
+    by_worker: dict[int, list[optuna.trial.FrozenTrial]] = {}
+    for trial in trials:
+        by_worker.setdefault(trial.user_attrs[WORKER_ATTR]["pid"], []).append(trial)
+    assert {pid: len(ts) for pid, ts in by_worker.items()} == {pids["a"]: 2, pids["b"]: 1, pids["c"]: 1,
+                                                                restarted.pid: 1}
+    [killed] = by_worker[pids["c"]]
+    assert killed_dir.name == f"trial_{killed.number}"
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert f"worker process {pids['c']}" in killed.user_attrs[REASON_ATTR]
+    others = [t for t in trials if t is not killed]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in others), [(t.number, t.state) for t in others]
+    # the restarted worker continued the study: its trial came after the killed one, in the same sweep folder
+    [resumed] = by_worker[restarted.pid]
+    assert resumed.number > killed.number and (sweep_c / f"trial_{resumed.number}" / "summary.json").is_file()
+    assert "continuing study ich_optuna with" in (tmp_path / "c.console").read_text()
+    for name, expected in (("a", 2), ("b", 1)):
+        assert len(list((tmp_path / name / "sweeps" / STUDY).glob("trial_*"))) == expected
+
+    assert_no_file_contains(tmp_path, postgres.password)
+
+
+def assert_no_file_contains(root: Path, secret: str) -> None:
+    """Every byte of every file below `root` (checkpoints, .hydra/, logs, consoles, trial tables) is checked."""
+    checked = 0
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert secret.encode() not in path.read_bytes(), f"the password is written in {path}"
+            checked += 1
+    assert checked > 50
