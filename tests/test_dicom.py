@@ -283,6 +283,14 @@ def test_series_uid_picks_one_of_several(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_series(tmp_path / "s", series_uid=uid)[0], hu[:, :, ::-1])
 
 
+def test_a_flat_folder_of_many_series_lists_a_few(tmp_path: Path) -> None:
+    for seed in range(7):  # RSNA-style: every slice of every scan in one folder
+        write_ct_series(tmp_path / "all", synthetic_hu((8, 8, 2)), SYNTH_AFFINE, seed=seed)
+    with pytest.raises(UserError, match=r"holds 7 series .*; \.\.\. and 2 more\); put each series") as err:
+        read_volume(tmp_path / "all")
+    assert str(err.value).count("(CT 'Head 5mm', 2 files)") == 5
+
+
 def test_csv_row_may_name_a_series_folder_and_preflight_checks_it(tmp_path: Path) -> None:
     hu = synthetic_hu()
     for name in ("1.2.840.1", "1.2.840.2"):  # UID-like folder names keep their dots

@@ -145,12 +145,15 @@ def _read_header(path: Path) -> Dataset:
         raise UserError(f"{path}: cannot read it as DICOM ({type(err).__name__}: {err})") from err
 
 
-def _describe(series: dict[str, list[tuple[Path, Dataset]]]) -> str:
+def _describe(series: dict[str, list[tuple[Path, Dataset]]], shown: int = 5) -> str:
+    """The series by SeriesInstanceUID with modality, description and file count (the first ``shown``)."""
     parts = []
-    for uid, slices in series.items():
+    for uid, slices in list(series.items())[:shown]:
         ds = slices[0][1]
         description = f" '{ds.SeriesDescription}'" if ds.get("SeriesDescription") else ""
         parts.append(f"{uid or '<no SeriesInstanceUID>'} ({ds.get('Modality', '?')}{description}, {len(slices)} files)")
+    if len(series) > shown:
+        parts.append(f"... and {len(series) - shown} more")
     return "; ".join(parts)
 
 
