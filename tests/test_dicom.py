@@ -285,10 +285,10 @@ def test_series_uid_picks_one_of_several(tmp_path: Path) -> None:
 
 def test_a_flat_folder_of_many_series_lists_a_few(tmp_path: Path) -> None:
     for seed in range(7):  # RSNA-style: every slice of every scan in one folder
-        write_ct_series(tmp_path / "all", synthetic_hu((8, 8, 2)), SYNTH_AFFINE, seed=seed)
+        write_ct_series(tmp_path / "all", synthetic_hu((8, 8, 4)), SYNTH_AFFINE, seed=seed)
     with pytest.raises(UserError, match=r"holds 7 series .*; \.\.\. and 2 more\); put each series") as err:
         read_volume(tmp_path / "all")
-    assert str(err.value).count("(CT 'Head 5mm', 2 files)") == 5
+    assert str(err.value).count("(CT 'Head 5mm', 4 files)") == 5
 
 
 def test_csv_row_may_name_a_series_folder_and_preflight_checks_it(tmp_path: Path) -> None:
