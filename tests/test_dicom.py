@@ -418,6 +418,9 @@ def test_a_folder_of_series_folders_is_a_batch_named_by_their_paths(tmp_path: Pa
                     probabilities=True, output_format="dicom_seg")
     assert [(j.image, j.mask_out.name, j.prob_out.name) for j in one] == [
         (batch / "p1/study/CT 5mm", "one.dcm", "one_prob.dcm")]
+    with pytest.raises(UserError, match="names a nifti file, but output_format=dicom_seg"):
+        plan_jobs(source=batch / "p1/study/CT 5mm", output=tmp_path / "seg.nii.gz", points_file=None,
+                  probabilities=False, output_format="dicom_seg")
     with pytest.raises(UserError, match=r"extra\.nii\.gz is not a series folder"):
         plan_jobs(source=batch, output=tmp_path / "out", points_file=None, probabilities=False,
                   output_format="dicom_seg")

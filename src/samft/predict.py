@@ -89,6 +89,10 @@ def plan_jobs(
             )
     points = json.loads(points_file.read_text()) if points_file else {}
     single_file = output.name.endswith(OUTPUT_SUFFIXES[output_format])
+    other = next((f for f, ends in OUTPUT_SUFFIXES.items() if f != output_format and output.name.endswith(ends)), None)
+    if other is not None:
+        raise UserError(f"output={output} names a {other} file, but output_format={output_format}; name a "
+                        f"{' or '.join(OUTPUT_SUFFIXES[output_format])} file or a folder, or set output_format={other}")
     if single_file and len(scans) != 1:
         raise UserError(f"output={output} names one file but input has {len(scans)} scans; pass a folder")
     jobs = []
