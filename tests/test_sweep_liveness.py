@@ -5,6 +5,9 @@ fails the interrupted trial and stops the sweep, a damaged or locked study datab
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -170,3 +173,31 @@ def test_a_sweep_opens_without_alembic_chatter(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "sweeps" / "ich_optuna" / "optuna.db").is_file()  # a fresh study was set up
     assert "alembic" not in proc.stdout + proc.stderr and "setup plugin" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_training_trial_fails_it_and_stops_the_sweep(tmp_path: Path) -> None:
+    """samft.train's loop answers Ctrl-C by saving and returning the best Dice so far (here after epoch 1 of
+    3): the sweep must record FAIL, not that truncated score, and start no further trial."""
+    sweep_dir = tmp_path / "sweeps" / "ich_optuna"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "samft.train", "-m", "hparams_search=ich_optuna", "hparams_search.n_trials=3",
+         "hparams_search.pruner=none", "experiment=smoke", "epochs=3", "max_steps_per_epoch=1",
+         "hardware.num_workers=0", f"output_dir={tmp_path}", f"data.demo_dir={tmp_path / 'demo'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log = sweep_dir / "trial_0" / "train.log"
+    deadline = time.monotonic() + 400
+    while not (log.is_file() and "epoch 1/3" in log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "sweep stopped by Ctrl-C: trial 0 recorded as FAIL" in stderr
+    [trial] = optuna.load_study(study_name="ich_optuna", storage=storage_url(sweep_dir)).trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs[REASON_ATTR] == "interrupted by Ctrl-C"
+    summary = json.loads((sweep_dir / "trial_0" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and summary["best_metric"] is not None  # a truncated score
+    assert (sweep_dir / "trial_0" / "latest_model.pth").is_file() and not (sweep_dir / "trial_1").exists()

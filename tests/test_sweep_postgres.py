@@ -7,6 +7,7 @@ PostgreSQL binary exists, and fails instead when SAMFT_REQUIRE_POSTGRES=1 (set b
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from postgres_server import Server, find_bin, running_server
 
 from samft.data.demo import ensure_demo_dataset
 from samft.sweep.liveness import REASON_ATTR, WORKER_ATTR
 
 STUDY = "ich_optuna"
+APP = Path(__file__).resolve().parent / "sweep_app" / "app.py"
 # the cheapest real trial: the smoke experiment, one epoch of one step
 TINY = ("experiment=smoke", "epochs=1", "max_steps_per_epoch=1", "hparams_search.pruner=none",
         "hardware.num_workers=0")
@@ -111,14 +114,39 @@ def test_three_workers_share_a_study_and_a_killed_workers_trial_ends_failed(post
     for name, expected in (("a", 2), ("b", 1)):
         assert len(list((tmp_path / name / "sweeps" / STUDY).glob("trial_*"))) == expected
 
+    # the URL reached the runs, masked: config.json, the checkpoints' config, the trial table
+    masked = url.replace(postgres.password, "***")
+    for name in ("a", "b"):
+        run_dir = tmp_path / name / "sweeps" / STUDY / f"trial_{by_worker[pids[name]][0].number}"
+        assert json.loads((run_dir / "config.json").read_text())["trial"]["storage"] == masked
+        config = torch.load(run_dir / "best_model.pth", map_location="cpu", weights_only=True)["config"]
+        assert config["trial"]["storage"] == masked
     assert_no_file_contains(tmp_path, postgres.password)
 
 
-def assert_no_file_contains(root: Path, secret: str) -> None:
+def test_a_url_typed_as_a_hydra_override_is_not_written(postgres: Server, tmp_path: Path) -> None:
+    """`hydra.sweeper.storage=postgresql://user:password@...` on the command line: the jobs' .hydra/hydra.yaml
+    would hold it; they get an environment reference instead."""
+    url = postgres.create_database("typed_url")
+    proc = subprocess.run(
+        [sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.sweeper.storage={url}",
+         "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=median"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="app", storage=url).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [list(t.intermediate_values) for t in trials] == [[1, 2, 3, 4]] * 2  # the jobs reached the database
+    assert "${oc.env:SAMFT_SECRET_" in (tmp_path / "sweep" / "trial_0" / ".hydra" / "hydra.yaml").read_text()
+    assert postgres.password not in proc.stdout + proc.stderr
+    assert_no_file_contains(tmp_path, postgres.password, at_least=6)
+
+
+def assert_no_file_contains(root: Path, secret: str, *, at_least: int = 50) -> None:
     """Every byte of every file below `root` (checkpoints, .hydra/, logs, consoles, trial tables) is checked."""
     checked = 0
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert secret.encode() not in path.read_bytes(), f"the password is written in {path}"
             checked += 1
-    assert checked > 50
+    assert checked >= at_least
