@@ -201,3 +201,16 @@ def test_ctrl_c_in_a_real_training_trial_fails_it_and_stops_the_sweep(tmp_path: 
     summary = json.loads((sweep_dir / "trial_0" / "summary.json").read_text())
     assert summary["stop_reason"] == "interrupted" and summary["best_metric"] is not None  # a truncated score
     assert (sweep_dir / "trial_0" / "latest_model.pth").is_file() and not (sweep_dir / "trial_1").exists()
+
+
+@pytest.mark.parametrize(("storage", "expected"), [
+    ("postgresql://samft:Marker-pw@127.0.0.1:1/optuna",
+     "study storage postgresql://samft:***@127.0.0.1:1/optuna cannot be used: connection to server"),
+    ("mysql://samft:Marker-pw@127.0.0.1:1/optuna", "No module named 'MySQLdb'; install the database driver"),
+    ("not-a-url", "the study storage 'not-a-url' (hparams_search.storage) is not a database URL"),
+])
+def test_an_unusable_storage_is_one_line_without_its_password(tmp_path: Path, storage: str, expected: str) -> None:
+    proc = sweep(tmp_path, f"hydra.sweeper.storage={storage}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert expected in line and "Marker-pw" not in proc.stdout + proc.stderr

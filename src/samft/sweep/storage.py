@@ -55,15 +55,16 @@ def database_errors(url: str) -> Iterator[None]:
     try:
         yield
     except sqlalchemy.exc.ArgumentError as err:
-        raise UserError(f"hydra.sweeper.storage={redact(url)!r} is not a database URL ({_first_line(err)}); "
+        raise UserError(f"the study storage {redact(url)!r} (hparams_search.storage) is not a database URL "
+                        f"({_first_line(err)}); "
                         "use sqlite:////abs/path/optuna.db or postgresql://user:password@host/db") from None
     except sqlalchemy.exc.NoSuchModuleError as err:
         raise UserError(f"{describe(url)}: {_first_line(err)}; install the database driver "
                         "(PostgreSQL: pip install 'samft[postgres]')") from None
     except sqlalchemy.exc.SQLAlchemyError as err:
         raise UserError(f"{describe(url)} cannot be used: {_first_line(err)}; {_advice(url, err)}") from None
-    except ModuleNotFoundError as err:  # the dialect exists but its driver (psycopg2, ...) is not installed
-        raise UserError(f"{describe(url)}: {err}; install the database driver "
+    except ImportError as err:  # the dialect exists but its driver (psycopg2, ...) is not installed
+        raise UserError(f"{describe(url)}: {err.__cause__ or err}; install the database driver "
                         "(PostgreSQL: pip install 'samft[postgres]')") from None
 
 
