@@ -112,10 +112,11 @@ def test_a_running_trial_keeps_beating_and_another_worker_leaves_it_alone(tmp_pa
     assert (datetime.datetime.fromisoformat(beat) - started).total_seconds() >= 5  # beats while the job runs
 
 
-def test_ctrl_c_fails_the_interrupted_trial_and_stops_the_sweep(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["interrupt_trial", "keyboard_interrupt_trial"])
+def test_ctrl_c_fails_the_interrupted_trial_and_stops_the_sweep(tmp_path: Path, how: str) -> None:
     """The training loop answers the first Ctrl-C by saving and returning its best score so far; that truncated
-    score must not count as a result."""
-    proc = sweep(tmp_path, "hydra.sweeper.n_trials=4", "interrupt_trial=1", check=False)
+    score must not count as a result. A Ctrl-C outside the loop (or a second one) raises KeyboardInterrupt."""
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=4", f"{how}=1", check=False)
     assert proc.returncode == 130, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sweep stopped by Ctrl-C: trial 1 recorded as FAIL" in proc.stderr
     trials = optuna.load_study(study_name="app", storage=storage_url(tmp_path)).trials

@@ -24,6 +24,8 @@ def task(cfg: DictConfig) -> float:
     if number == cfg.nan_trial:
         return math.nan
     time.sleep(cfg.sleep_s)
+    if number == cfg.keyboard_interrupt_trial:  # Ctrl-C outside the training loop (or a second one)
+        raise KeyboardInterrupt
     if number == cfg.interrupt_trial:
         summary = {"stop_reason": "interrupted", "epochs_run": 1, "best_metric": cfg.x}
         (Path(HydraConfig.get().runtime.output_dir) / "summary.json").write_text(json.dumps(summary))

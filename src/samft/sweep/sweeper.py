@@ -70,51 +70,58 @@ class PruningSweeperImpl(OptunaSweeperImpl):
                 interrupted = self._run_trials(study, storage, heartbeat, distributions, fixed, url)
             write_report(study, sweep_dir)
         if interrupted is not None:
-            print(f"sweep stopped by Ctrl-C: trial {interrupted} recorded as FAIL (its folder keeps "
-                  "latest_model.pth); rerun the same command to continue the study with new trials", file=sys.stderr)
+            failed = (f"trial {', '.join(map(str, interrupted))} recorded as FAIL (its folder keeps latest_model.pth)"
+                      if interrupted else "between trials")
+            print(f"sweep stopped by Ctrl-C: {failed}; rerun the same command to continue the study with new "
+                  "trials", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     def _run_trials(self, study: optuna.Study, storage: Any, heartbeat: Heartbeat,
-                    distributions: dict[str, Any], fixed: dict[str, Any], url: str) -> int | None:
-        """Ask, launch and tell batches of `n_jobs` trials until this worker's `n_trials` are done; returns
-        the number of the trial that Ctrl-C interrupted (the sweep then stops), else None."""
+                    distributions: dict[str, Any], fixed: dict[str, Any], url: str) -> list[int] | None:
+        """Ask, launch and tell batches of `n_jobs` trials until this worker's `n_trials` are done. Returns None,
+        or after Ctrl-C (the sweep then stops) the numbers of the trials it interrupted, recorded as FAIL."""
         identity = (f"trial.study_name={study.study_name}", f"trial.storage='{_storage_for_jobs(url)}'",
                     f"trial.pruner={self.pruner_name}")
         worker = worker_identity()
         remaining = self.n_trials
-        while remaining > 0:
-            fail_dead_trials(study, storage, grace_period=self.grace_period)
-            batch = min(self.n_jobs, remaining)
-            trials = []
-            for _ in range(batch):
-                trial = study.ask()
-                heartbeat.add(trial._trial_id)
-                trial.set_user_attr(WORKER_ATTR, worker)
-                trials.append(trial)
-            overrides = [
-                (*params, f"trial.number={trial.number}", *identity)
-                for trial, params in zip(trials, self._configure_trials(trials, distributions, fixed))
-            ]
-            try:
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except KeyboardInterrupt:  # a second Ctrl-C inside a job, or one outside the training loop
-                for trial in trials:
-                    _fail(study, trial, "interrupted by Ctrl-C")
-                return trials[0].number
-            finally:
-                for trial in trials:
-                    heartbeat.discard(trial._trial_id)
-            self.job_idx += len(returns)
-            outcomes = [_tell(study, trial, ret) for trial, ret in zip(trials, returns)]
-            stopped = [trial.number for trial, outcome in zip(trials, outcomes) if outcome == "interrupted"]
-            if stopped:
-                return stopped[0]
-            failures = sum(outcome == "failed" for outcome in outcomes)
-            if failures / len(returns) > self.max_failure_rate:
-                raise RuntimeError(
-                    f"{failures} of {len(returns)} trials failed, above max_failure_rate={self.max_failure_rate}"
-                )
-            remaining -= batch
+        pending: list[optuna.trial.Trial] = []  # asked and not yet told
+        try:
+            while remaining > 0:
+                fail_dead_trials(study, storage, grace_period=self.grace_period)
+                batch = min(self.n_jobs, remaining)
+                for _ in range(batch):
+                    trial = study.ask()
+                    pending.append(trial)
+                    heartbeat.add(trial._trial_id)
+                    trial.set_user_attr(WORKER_ATTR, worker)
+                trials = list(pending)
+                overrides = [
+                    (*params, f"trial.number={trial.number}", *identity)
+                    for trial, params in zip(trials, self._configure_trials(trials, distributions, fixed))
+                ]
+                try:
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                finally:
+                    for trial in trials:
+                        heartbeat.discard(trial._trial_id)
+                self.job_idx += len(returns)
+                outcomes = []
+                for trial, ret in zip(trials, returns):
+                    outcomes.append(_tell(study, trial, ret))
+                    pending.remove(trial)
+                stopped = [trial.number for trial, outcome in zip(trials, outcomes) if outcome == "interrupted"]
+                if stopped:
+                    return stopped
+                failures = sum(outcome == "failed" for outcome in outcomes)
+                if failures / len(returns) > self.max_failure_rate:
+                    raise RuntimeError(
+                        f"{failures} of {len(returns)} trials failed, above max_failure_rate={self.max_failure_rate}"
+                    )
+                remaining -= batch
+        except KeyboardInterrupt:  # a second Ctrl-C inside a job, one outside the training loop, or between trials
+            for trial in pending:
+                _fail(study, trial, "interrupted by Ctrl-C")
+            return [trial.number for trial in pending]
         return None
 
     def _hide_hydra_override_secrets(self) -> None:
@@ -152,6 +159,8 @@ def _storage_for_jobs(storage: str) -> str:
 def _fail(study: optuna.Study, trial: optuna.trial.Trial, reason: str) -> None:
     """Record `trial` as FAIL with `reason`, unless it is already finished (another worker may have failed it)."""
     try:
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            return
         trial.set_user_attr(REASON_ATTR, reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     except RuntimeError as err:
