@@ -275,8 +275,8 @@ def _records(cfg: DictConfig) -> list[dict[str, Any]]:
 
     if cfg.input or cfg.pred_dir:
         if not cfg.input or not cfg.mask_dir:
-            need = "pred_dir= needs" if cfg.pred_dir else "input=<csv> needs"
-            raise UserError(f"evaluate with {need} input=<csv of scans> and mask_dir=<folder of true masks>")
+            need = "pred_dir= needs input=<csv of scans> and" if cfg.pred_dir else "input=<csv> needs"
+            raise UserError(f"evaluate with {need} mask_dir=<folder of true masks>")
         return sources.csv_records(Path(cfg.input), Path(cfg.input), Path(cfg.mask_dir))[0]
     config = load_checkpoint(Path(cfg.ckpt))["config"]
     from omegaconf import OmegaConf
