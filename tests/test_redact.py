@@ -55,24 +55,29 @@ def test_nested_configs_are_redacted_without_touching_the_original() -> None:
 @pytest.mark.slow
 def test_a_run_writes_no_password_anywhere(tmp_path: Path) -> None:
     """The README's recipe resolves the storage URL from the environment into the run's config: config.json,
-    both checkpoints and the summary hold it masked, and no file of the run (including the .pth bytes and
-    .hydra/) holds the password."""
+    both checkpoints and a reproduction's config hold it masked, and no file of the run or its reproduction
+    (including the .pth bytes and .hydra/) holds the password."""
     secret = "Marker-" + secrets.token_hex(6)
     url = f"postgresql://samft:{secret}@db.invalid:5432/optuna"
     run_dir = tmp_path / "run"
+    env = {**os.environ, "SAMFT_OPTUNA_STORAGE": url, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "samft.train", "experiment=smoke", "epochs=1", "max_steps_per_epoch=1",
          "trial.storage=${oc.env:SAMFT_OPTUNA_STORAGE}", f"hydra.run.dir={run_dir}",
          f"data.demo_dir={tmp_path / 'demo'}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-        env={**os.environ, "SAMFT_OPTUNA_STORAGE": url, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     masked = url.replace(secret, "***")
     assert json.loads((run_dir / "config.json").read_text())["trial"]["storage"] == masked
     for name in ("best_model.pth", "latest_model.pth"):
         assert torch.load(run_dir / name, map_location="cpu", weights_only=True)["config"]["trial"]["storage"] == masked
+    # samft.reproduce re-runs it from .hydra/ (the URL resolves again) and saves the config it used
+    proc = subprocess.run([sys.executable, "-m", "samft.reproduce", str(run_dir), "--output", str(tmp_path / "again")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samft:***@db.invalid" in (tmp_path / "again" / "reproduced_config.yaml").read_text()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) > 15 and (run_dir / ".hydra" / "config.yaml") in files
+    assert len(files) > 25 and (run_dir / ".hydra" / "config.yaml") in files
     leaks = [p for p in files if secret.encode() in p.read_bytes()]
     assert not leaks

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from samft.errors import EXIT_USER_ERROR, UserError
+from samft.redact import redact
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 COMPARED_METRICS = ("best_metric", "best_epoch", "epochs_run", "stop_reason")
@@ -106,7 +107,7 @@ def reproduce(run_dir: Path, output: Path | None = None, *, epochs: int | None =
         raise UserError(f"--output {output} exists; name a new folder")
     output.mkdir(parents=True)
     _log_to(output / "train.log")
-    OmegaConf.save(cfg, output / "reproduced_config.yaml")
+    OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(cfg))), output / "reproduced_config.yaml")
     train_at(cfg, output)
     old = json.loads(old_summary_path.read_text())
     new = json.loads((output / "summary.json").read_text())
