@@ -215,3 +215,21 @@ def test_an_unusable_storage_is_one_line_without_its_password(tmp_path: Path, st
     assert proc.returncode == 2, proc.stderr[-3000:]
     [line] = proc.stderr.strip().splitlines()
     assert expected in line and "Marker-pw" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("typed", [
+    "postgresql://samft:pw@db:5432/optuna",  # as typed
+    r"postgresql\://samft\:pw@db\:5432/optuna",  # as the stock sweeper re-escapes a fixed value
+    "'postgresql://samft:pw@db:5432/optuna'",  # quoted on the command line
+])
+def test_jobs_get_a_password_url_as_an_environment_reference(typed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from samft.sweep.sweeper import _hidden
+
+    monkeypatch.delenv("SAMFT_OPTUNA_STORAGE", raising=False)
+    reference = _hidden(typed)
+    name = reference.removeprefix("${oc.env:").removesuffix("}")
+    assert name.startswith("SAMFT_SECRET_") and os.environ[name] == "postgresql://samft:pw@db:5432/optuna"
+    del os.environ[name]  # set by _hidden itself, not through monkeypatch
+    monkeypatch.setenv("SAMFT_OPTUNA_STORAGE", "postgresql://samft:pw@db:5432/optuna")
+    assert _hidden(typed) == "${oc.env:SAMFT_OPTUNA_STORAGE}"
+    assert _hidden("sqlite:////abs/optuna.db") == "sqlite:////abs/optuna.db"  # nothing to hide

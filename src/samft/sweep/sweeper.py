@@ -141,7 +141,10 @@ def _hidden(value: Any) -> Any:
     escaped as in an override (`postgresql\\://u\\:pw@h`, how the stock sweeper passes fixed values)."""
     if not isinstance(value, str) or redact(value) == value:
         return value
-    value = _OVERRIDE_ESCAPE.sub(r"\1", value)
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # typed quoted on the command line
+        value = value[1:-1]
+    else:
+        value = _OVERRIDE_ESCAPE.sub(r"\1", value)
     if os.environ.get(STORAGE_ENV) == value:
         name = STORAGE_ENV
     else:
