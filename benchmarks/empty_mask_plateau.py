@@ -19,7 +19,7 @@ from common import header
 
 from samft.data.demo import ensure_demo_dataset
 from samft.data.sources import csv_records
-from samft.data.transforms import Preprocessing
+from samft.data.transforms import Preprocessing, crop_around_label
 from samft.engine.losses import SegmentationLoss
 from samft.model import build_model
 
@@ -28,10 +28,12 @@ def demo_batch(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """image, label: 2 x 1 x 128 x 128 x 128, the first two positive training volumes of a 4-patient demo."""
     train_csv, val_csv, mask_dir = ensure_demo_dataset(root=root, n_patients=4, seed=0)
     train, _ = csv_records(train_csv, val_csv, mask_dir)
-    pipeline = Preprocessing().transforms("val")
+    settings = Preprocessing()
+    pipeline = settings.transforms("val")
     samples = [pipeline(record) for record in train if record["ich"] == 1][:2]
-    return (torch.stack([s["image"].as_tensor() for s in samples]),
-            torch.stack([s["label"].as_tensor() for s in samples]))
+    crops = [crop_around_label(s["image"].as_tensor(), s["label"].as_tensor(), settings.roi, air=settings.air)
+             for s in samples]
+    return torch.stack([image for image, _ in crops]), torch.stack([label for _, label in crops])
 
 
 def dice_curve(image: torch.Tensor, label: torch.Tensor, *, weight: float, steps: int, every: int) -> list[float]:

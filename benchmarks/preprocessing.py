@@ -73,10 +73,11 @@ def run_mode(
 ) -> dict[str, float]:
     """Mean seconds per train and per val epoch over all volumes, after a first epoch that fills the cache."""
     start = time.perf_counter()
-    train, val = build_dataloaders(
+    loaders = build_dataloaders(
         train_records=records, val_records=records, preprocessing=settings, batch_size=1,
         num_workers=workers, cache=cache, cache_dir=cache_dir, seed=0,
     )
+    train, val = loaders.train, loaders.val
     fill = time.perf_counter() - start
     if cache != "none":
         fill += epoch_time(train) + epoch_time(val)  # the disk cache fills while the first epoch reads

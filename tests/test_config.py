@@ -101,7 +101,8 @@ def test_risky_settings_warn() -> None:
         ("optim.lrr=1", "unknown config key 'optim.lrr'; keys under 'optim': betas"),
         ("optim.grad_accum_steps=0", "'optim.grad_accum_steps' is 0; it must be >= 1"),
         ("data.batch_size=-1", "'data.batch_size' is -1; it must be >= 1"),
-        ("scheduler=cosin", "unknown option 'cosin' for config group 'scheduler'; available: cosine, plateau, step"),
+        ("scheduler=cosin",
+         "unknown option 'cosin' for config group 'scheduler'; available: cosine, plateau, poly, step"),
         ("data=csv", "data=csv needs data.train_csv, data.val_csv, data.mask_dir"),
     ],
 )

@@ -124,5 +124,5 @@ def test_updates_per_epoch_counts_a_partial_window_and_the_cap() -> None:
 
 def test_unknown_scheduler_is_refused() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(ValueError, match="plateau, cosine, step"):
+    with pytest.raises(ValueError, match="plateau, cosine, poly, step"):
         build_scheduler("linear", opt, epochs=1, steps_per_epoch=1)

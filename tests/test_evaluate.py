@@ -16,8 +16,8 @@ import torch
 
 from samft.data.demo import ensure_demo_dataset
 from samft.engine.checkpoint import FORMAT, save_checkpoint
-from samft.evaluate import case_metrics, interior_click, summarize
 from samft.model import build_model
+from samft.scoring import case_metrics, interior_click, summarize
 
 AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])  # 2 mm^3 voxels = 0.002 ml
 

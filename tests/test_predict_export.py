@@ -15,7 +15,7 @@ import torch
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.export import load_encoder, save_encoder
 from samft.inference import Predictor
-from samft.model import build_model
+from samft.model import SegmentOutput, build_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = {"name": "sam_med3d_tiny", "visual_tokens": 32}
@@ -84,7 +84,8 @@ def test_sliding_window_covers_large_volumes_without_seams(tmp_path: Path, tiny_
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     write_scan(tmp_path / "big.nii.gz", (200, 150, 140), affine)
     predictor = Predictor(ckpt, device=torch.device("cpu"), overlap=0.25)
-    monkeypatch.setattr(predictor, "_auto_logits", lambda window: (window - 0.5) * 4.0)
+    monkeypatch.setattr(predictor.model, "segment",
+                        lambda window, **_: SegmentOutput([(window - 0.5) * 4.0], None, window))
     prediction = predictor.predict(tmp_path / "big.nii.gz")
     preprocessed = predictor.transforms({"image": str(tmp_path / "big.nii.gz")})["image"][0].numpy()
     expected = 1.0 / (1.0 + np.exp(-(preprocessed - 0.5) * 4.0))

@@ -12,7 +12,7 @@ import pytest
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from samft.data.transforms import build_transforms
+from samft.data.transforms import build_transforms, crop_around_label
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEAD_CT = SHARED_DATA / "head_ct.nii.gz"
@@ -110,11 +110,12 @@ def test_training_and_validation_crops_hold_the_real_lesion(mask_cases: list[dic
     case = mask_cases[0]
     whole = preprocessed[0]["label"].sum()
     val = build_transforms(stage="val")(case)
-    assert val["image"].shape == val["label"].shape == (1, 128, 128, 128)
-    assert val["label"].sum() == whole  # the crop is centred on the lesion, which fits in 192 mm
-    train = build_transforms(stage="train", pos_neg_ratio=1e9, aug_prob=1.0)
+    _, crop = crop_around_label(val["image"], val["label"], (128, 128, 128), air=0.0)
+    assert crop.shape == (1, 128, 128, 128)
+    assert crop.sum() == whole  # the crop is centred on the lesion, which fits in 192 mm
+    train = build_transforms(stage="train", fg_oversample=1.0, aug_prob=1.0, affine_prob=1.0)
     train.set_random_state(0)
-    sample = train(case)[0]
+    sample = train(case)
     image, label = sample["image"][0].numpy(), sample["label"][0].numpy() > 0.5
     assert sample["image"].shape == (1, 128, 128, 128) and label.any()
     inside, outside = np.median(image[label]), np.median(image[~label & (image > 0.2)])

@@ -28,8 +28,8 @@ def run_module(*args: str, cwd: Path | None = None, timeout: int = 900) -> subpr
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("smoke")
     run_dir = root / "run"
-    proc = run_module("samft.train", "experiment=smoke", f"hydra.run.dir={run_dir}",
-                      f"data.demo_dir={root / 'demo'}", cwd=root)
+    proc = run_module("samft.train", "experiment=smoke", f"hydra.run.dir={run_dir}", "hardware.num_workers=0",
+                      "hardware.cpu_threads=3", f"data.demo_dir={root / 'demo'}", cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, proc
 
@@ -58,6 +58,7 @@ def test_summary_holds_the_contract_keys_and_sane_values(smoke_run) -> None:
         assert 0.0 <= record["val/dice"] <= 1.0
     assert summary["best_metric"] == max(h["val/dice"] for h in summary["history"])
     assert summary["seed"] == 42 and summary["packages"]["torch"] == torch.__version__
+    assert summary["cpu_threads"] == 3 and summary["loader_workers"] == 0  # torch's count in the run, as set
     assert set(summary["git"]) == {"commit", "dirty"}
     assert summary["skipped_samples"] == []
     assert set(summary["events"]) >= {"oom", "nonfinite_loss"}

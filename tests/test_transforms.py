@@ -108,10 +108,11 @@ def assert_aligned(sample: dict, *, context: str) -> None:
 
 
 def test_each_random_transform_keeps_image_label_and_clicks_aligned(cases: dict) -> None:
-    pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=ROI, aug_prob=1.0, pos_neg_ratio=1e9)
+    pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=ROI, aug_prob=1.0, affine_prob=1.0,
+                                fg_oversample=1.0)
     first_random = next(i for i, t in enumerate(pipeline.transforms) if isinstance(t, Randomizable))
     crop, augmentations = pipeline.transforms[first_random], pipeline.transforms[first_random + 1:]
-    assert isinstance(crop, T.PosNegCropd)
+    assert isinstance(crop, T.ForegroundOversampledCropd)
     kinds = [type(t) for t in augmentations]
     assert kinds.count(RandFlipd) == 3 and {T.RandAffine32d, RandScaleIntensityd, RandShiftIntensityd} <= set(kinds)
     assert all(isinstance(t, (RandFlipd, RandAffined, RandScaleIntensityd, RandShiftIntensityd)) for t in augmentations)
@@ -122,7 +123,7 @@ def test_each_random_transform_keeps_image_label_and_clicks_aligned(cases: dict)
     assert_aligned(sample, context="deterministic prefix")
     for seed in range(3):
         crop.set_random_state(seed)
-        cropped = crop(sample)[0]
+        cropped = crop(sample)
         assert_aligned(cropped, context=f"crop seed {seed}")
         for t in augmentations:
             t.set_random_state(seed)
@@ -132,51 +133,83 @@ def test_each_random_transform_keeps_image_label_and_clicks_aligned(cases: dict)
 
 
 def test_whole_train_pipeline_keeps_alignment(cases: dict) -> None:
-    pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=ROI, aug_prob=0.7, pos_neg_ratio=1e9)
+    pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=ROI, aug_prob=0.7, affine_prob=0.7,
+                                fg_oversample=1.0)
     for seed in range(4):
         pipeline.set_random_state(seed)
-        sample = pipeline(cases["lesions"])[0]
+        sample = pipeline(cases["lesions"])
         assert sample["image"].shape == sample["label"].shape == (1, ROI, ROI, ROI)
         assert sample["image"].dtype == sample["label"].dtype == torch.float32
         assert sample["ich"].dtype == torch.float32 and float(sample["ich"]) == 1.0
         assert_aligned(sample, context=f"train seed {seed}")
 
 
-def test_small_lesion_is_in_every_positive_crop(cases: dict) -> None:
-    pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=16, aug_prob=0.0, pos_neg_ratio=1e9)
+def test_small_lesion_is_in_every_foreground_crop(cases: dict) -> None:
+    pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=16, aug_prob=0.0, fg_oversample=1.0)
     for seed in range(6):
         pipeline.set_random_state(seed)
-        assert pipeline(cases["tiny"])[0]["label"].sum() > 0
+        assert pipeline(cases["tiny"])["label"].sum() > 0
 
 
-def test_missing_mask_gives_empty_label_and_negative_crops_inside_the_head(cases: dict) -> None:
+def test_a_third_of_the_crops_is_forced_onto_a_lesion_and_the_rest_is_uniform(cases: dict) -> None:
+    pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=8, aug_prob=0.0, fg_oversample=0.33)
+    at = next(i for i, t in enumerate(pipeline.transforms) if isinstance(t, T.ForegroundOversampledCropd))
+    prefix = cases["tiny"]
+    for t in pipeline.transforms[:at]:
+        prefix = t(prefix)
+    volume = prefix["image"].shape[1:]
+    crop = pipeline.transforms[at]
+    draws, on_lesion, starts = 1500, 0, []
+    for seed in range(draws):
+        crop.set_random_state(seed)
+        crop(prefix)
+        centre = crop._start + 4
+        on_lesion += bool(prefix["label"][0][tuple(int(c) for c in np.minimum(centre, np.array(volume) - 1))] > 0)
+        starts.append(crop._start.copy())
+    starts = np.array(starts)
+    # the lesion fills a tiny share of the volume: a uniform draw lands on it about never, so the lesion-centred
+    # share is the forced share (binomial std 0.012 at 1500 draws)
+    share = on_lesion / draws
+    assert 0.28 <= share <= 0.38, share
+    room = np.array(volume) - 8
+    for axis in range(3):  # uniform crops reach every position, corners included
+        assert starts[:, axis].min() == 0 and starts[:, axis].max() == room[axis]
+
+
+def test_missing_mask_gives_empty_label_and_uniform_crops_over_the_whole_volume(cases: dict) -> None:
     pipeline = build_transforms(stage="train", spacing=SPACING, roi_size=16, aug_prob=0.0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no "Num foregrounds 0" warning per negative case
-        for seed in range(6):
+        warnings.simplefilter("error", UserWarning)
+        images = []
+        for seed in range(12):
             pipeline.set_random_state(seed)
-            sample = pipeline(cases["negative"])[0]
+            sample = pipeline(cases["negative"])
             assert sample["label"].shape == (1, 16, 16, 16) and sample["label"].sum() == 0
-            # head tissue (30 HU -> 0.375) at the crop centre: the crop was not drawn in the air around it
-            assert sample["image"][0, 8, 8, 8] > 0.2
+            images.append(float(sample["image"].sum()))
+    assert len(set(images)) > 6  # crops at many places, air around the head included
 
 
-def test_val_crop_is_centred_on_the_lesions_or_the_volume(cases: dict) -> None:
+def test_val_stage_is_the_predict_stage_with_the_label(cases: dict) -> None:
     full = prepared(cases["lesions"], stage="predict")
     val = prepared(cases["lesions"], stage="val")
-    assert val["image"].shape == val["label"].shape == (1, ROI, ROI, ROI)
-    assert val["label"].sum() == full["label"].sum()  # every lesion voxel is inside the padded crop
+    assert torch.equal(val["image"].as_tensor(), full["image"].as_tensor())
+    assert val["label"].shape == val["image"].shape and val["label"].sum() > 0
+
+
+def test_crop_around_label_is_centred_on_the_lesions_or_the_volume(cases: dict) -> None:
+    full = prepared(cases["lesions"], stage="val")
+    image, label = full["image"], full["label"]
     roi = 16
-    small = prepared(cases["lesions"], stage="val", roi_size=roi)
-    label = full["label"][0].numpy()
-    found = np.argwhere(label > 0)
-    start = np.clip((found.min(0) + found.max(0)) // 2 - roi // 2, 0, np.array(label.shape) - roi)
+    small_image, small_label = T.crop_around_label(image, label, (roi,) * 3, air=0.0)
+    array = label[0].numpy()
+    found = np.argwhere(array > 0)
+    start = np.clip((found.min(0) + found.max(0)) // 2 - roi // 2, 0, np.array(array.shape) - roi)
     window = tuple(slice(s, s + roi) for s in start)
-    np.testing.assert_array_equal(small["label"][0].numpy(), label[window])
-    np.testing.assert_array_equal(small["image"][0].numpy(), full["image"][0].numpy()[window])
+    np.testing.assert_array_equal(small_label[0].numpy(), array[window])
+    np.testing.assert_array_equal(small_image[0].numpy(), image[0].numpy()[window])
     negative = prepared(cases["negative"], stage="val")
-    assert negative["label"].sum() == 0 and negative["image"].shape == (1, ROI, ROI, ROI)
-    assert negative["image"][0, ROI // 2, ROI // 2, ROI // 2] > 0.2  # the centre of the volume: the head
+    _, empty = T.crop_around_label(negative["image"], negative["label"], (roi,) * 3, air=0.0)
+    assert empty.sum() == 0 and empty.shape == (1, roi, roi, roi)
 
 
 def test_all_air_volume_without_lesion_still_gives_a_crop(tmp_path: Path) -> None:
@@ -187,9 +220,11 @@ def test_all_air_volume_without_lesion_still_gives_a_crop(tmp_path: Path) -> Non
 
 def test_volume_smaller_than_roi_is_padded_with_air(cases: dict) -> None:
     out = prepared(cases["negative"], stage="val", intensity="window")
-    big = build_transforms(stage="val", spacing=SPACING, roi_size=64)(cases["negative"])
-    assert out["image"].shape == (1, ROI, ROI, ROI) and big["image"].shape == (1, 64, 64, 64)
-    assert float(big["image"][0, 0, 0, 0]) == 0.0  # air after windowing
+    image, label = T.crop_around_label(out["image"], out["label"], (64,) * 3, air=0.0)
+    assert image.shape == label.shape == (1, 64, 64, 64)
+    assert float(image[0, 0, 0, 0]) == 0.0  # air after windowing
+    big = build_transforms(stage="train", spacing=SPACING, roi_size=64, aug_prob=0.0)(cases["negative"])
+    assert big["image"].shape == (1, 64, 64, 64)
 
 
 def test_resampling_gives_target_spacing_in_ras(cases: dict) -> None:
@@ -278,14 +313,15 @@ def epochs_of(loader, n: int) -> list[list[float]]:
 @pytest.mark.parametrize(("cache", "workers"), [("none", 0), ("memory", 0), ("disk", 1)])
 def test_loaders_batch_contract_and_reproducibility(records, cache: str, workers: int, tmp_path: Path) -> None:
     settings = Preprocessing(spacing=SPACING, roi_size=16, aug_prob=0.5)
-    reference, _ = build_dataloaders(
+    reference = build_dataloaders(
         train_records=records[0], val_records=records[1], preprocessing=settings, batch_size=2, num_workers=0,
         cache="none", seed=3,
-    )
-    train, val = build_dataloaders(
+    ).train
+    loaders = build_dataloaders(
         train_records=records[0], val_records=records[1], preprocessing=settings, batch_size=2,
         num_workers=workers, cache=cache, cache_dir=tmp_path, seed=3,
     )
+    train, val = loaders.train, loaders.val
     batch = next(iter(val))
     assert isinstance(batch["image"], MetaTensor) and batch["image"].shape == (2, 1, 16, 16, 16)
     assert batch["label"].shape == (2, 1, 16, 16, 16) and batch["label"].dtype == torch.float32
@@ -306,12 +342,12 @@ def test_disk_cache_is_reused_and_keyed_by_settings(records, tmp_path: Path, mon
     settings = Preprocessing(spacing=SPACING, roi_size=16)
 
     def run(preprocessing: Preprocessing) -> None:
-        train, val = build_dataloaders(
+        loaders = build_dataloaders(
             train_records=records[0], val_records=records[1], preprocessing=preprocessing, batch_size=1,
             num_workers=0, cache="disk", cache_dir=tmp_path, seed=0,
         )
-        epochs_of(train, 2)
-        epochs_of(val, 2)
+        epochs_of(loaders.train, 2)
+        epochs_of(loaders.val, 2)
 
     run(settings)
     assert len(reads) == 5  # each case once per split, then from the cache
@@ -328,8 +364,8 @@ def test_a_partly_filled_disk_cache_collates_cached_and_fresh_samples(records, t
                                  preprocessing=Preprocessing(spacing=SPACING, roi_size=16), batch_size=3,
                                  num_workers=0, cache="disk", cache_dir=tmp_path, seed=0)
 
-    epochs_of(loaders(records[0][:1])[0], 1)  # caches the first case only
-    batch = next(iter(loaders(records[0])[0]))  # one cached and two fresh cases in one batch
+    epochs_of(loaders(records[0][:1]).train, 1)  # caches the first case only
+    batch = next(iter(loaders(records[0]).train))  # one cached and two fresh cases in one batch
     assert batch["ich"].shape == (3,) and type(batch["ich"]) is torch.Tensor
     assert isinstance(batch["image"], MetaTensor) and batch["image"].shape == (3, 1, 16, 16, 16)
 
@@ -342,10 +378,10 @@ def test_loader_surfaces_the_users_problem(tmp_path: Path) -> None:
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Payload()))
     record = {"image": str(tmp_path / "evil.pkl"), "label": None, "ich": 0, "patient_id": "p", "case_id": "evil",
               "origin": "x"}
-    train, _ = build_dataloaders(
+    train = build_dataloaders(
         train_records=[record], val_records=[record], preprocessing=Preprocessing(roi_size=16), batch_size=1,
         num_workers=0, cache="none",
-    )
+    ).train
     with pytest.raises(UserError, match="evil.pkl: refused to unpickle the global 'builtins.print'"):
         next(iter(train))
 

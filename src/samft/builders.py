@@ -30,12 +30,7 @@ from samft.model import param_groups
 
 def preprocessing(data: DictConfig, norm_stats: dict[str, float] | None) -> Preprocessing:
     """The one preprocessing definition for training, validation and prediction."""
-    return Preprocessing(
-        spacing=tuple(data.spacing), roi_size=data.roi_size, intensity=data.intensity,
-        window_center=data.window_center, window_width=data.window_width,
-        norm_stats=norm_stats if data.intensity == "nnunet" else None,
-        pos_neg_ratio=data.pos_neg_ratio, aug_prob=data.aug_prob,
-    )
+    return Preprocessing.from_config(data, norm_stats)
 
 
 def train_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
@@ -45,7 +40,7 @@ def train_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
         precision=cfg.hardware.precision, device=str(device), prompt_mode=cfg.model.prompt_mode,
         train_clicks=cfg.model.train_clicks, val_clicks=tuple(cfg.model.val_clicks),
         ich_loss_weight=cfg.model.ich_loss_weight,
-        lesion_pos_weight=cfg.model.lesion_pos_weight, oom_policy=cfg.oom_policy,
+        lesion_pos_weight=cfg.model.lesion_pos_weight, batch_dice=cfg.model.batch_dice, oom_policy=cfg.oom_policy,
         max_consecutive_failures=cfg.max_consecutive_failures, max_steps_per_epoch=cfg.max_steps_per_epoch,
         stop_after_epoch=cfg.stop_after_epoch,
         log_images=cfg.logger.log_images, log_freq=cfg.logger.log_freq, spacing=tuple(cfg.data.spacing),
@@ -65,7 +60,8 @@ def optimizer_and_scheduler(
     s = cfg.scheduler
     scheduler = build_scheduler(
         s.name, optimizer, epochs=cfg.epochs, steps_per_epoch=steps, warmup_epochs=s.warmup_epochs,
-        min_lr=s.min_lr, factor=s.factor, plateau_patience=s.plateau_patience, step_size=s.step_size, gamma=s.gamma,
+        min_lr=s.min_lr, exponent=s.exponent,
+        factor=s.factor, plateau_patience=s.plateau_patience, step_size=s.step_size, gamma=s.gamma,
     )
     return optimizer, scheduler
 

@@ -32,15 +32,25 @@ class DataConfig:
     demo_seed: int = 0
     batch_size: int = 2
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])
-    roi_size: int = 128
+    # one int (a cube) or three ints (voxels of the resampled grid): training patch and sliding window
+    roi_size: Any = 128
     intensity: str = "window"
     window_center: float = 40.0
     window_width: float = 80.0
-    pos_neg_ratio: float = 1.0
+    fg_oversample: float = 0.33
     aug_prob: float = 0.3
+    affine_prob: float = 0.0
     cache: str = "memory"
     cache_dir: str | None = None
     on_bad_sample: str = "error"
+
+
+@dataclass
+class UNetConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[list[int]] = field(default_factory=lambda: [[2, 2, 1], [2, 2, 2], [2, 2, 2]])
+    num_res_units: int = 0
+    norm: str = "instance"
 
 
 @dataclass
@@ -51,10 +61,13 @@ class ModelConfig:
     visual_tokens: int = 256
     gradient_checkpointing: bool = False
     ich_loss_weight: float = 0.1
-    lesion_pos_weight: float = 50.0
+    lesion_pos_weight: float = 1.0
+    batch_dice: bool = True
+    refine: bool = False
     prompt_mode: str = "click"
     train_clicks: int = 3
     val_clicks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    unet: UNetConfig = field(default_factory=UNetConfig)
 
 
 @dataclass
@@ -75,6 +88,7 @@ class SchedulerConfig:
     plateau_patience: int = 5
     warmup_epochs: int = 0
     min_lr: float = 0.0
+    exponent: float = 0.9
     step_size: int = 30
     gamma: float = 0.1
 
@@ -84,6 +98,8 @@ class HardwareConfig:
     device: str = "cpu"
     precision: str = "fp32"
     num_workers: int | None = None
+    # torch threads per process (intra- and inter-op); null: the usable CPUs less the loader workers
+    cpu_threads: int | None = None
     pin_memory: bool = False
     distributed: bool = False
     nproc_per_node: int = 1
@@ -143,6 +159,9 @@ class TrainConfig:
     patience: int = 15
     min_delta: float = 0.0
     val_every: int = 1
+    # whole-scan validation: N validation scans evenly spaced over the list (null: all), this window overlap
+    val_scans: int | None = None
+    val_overlap: float = 0.25
     resume: str = "auto"
     max_steps_per_epoch: int | None = None
     stop_after_epoch: int | None = None
@@ -158,7 +177,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("sam_med3d", "sam_med3d_tiny", "unet"),
     "model.prompt_mode": ("click", "auto", "both"),
     "optim.name": ("adamw",),
-    "scheduler.name": ("plateau", "cosine", "step"),
+    "scheduler.name": ("plateau", "cosine", "poly", "step"),
+    "model.unet.norm": ("instance", "batch"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16", "fp16"),
     "hardware.backend": ("auto", "nccl", "gloo"),
@@ -171,11 +191,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # key -> (lowest allowed, highest allowed, whether the lowest is excluded)
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.batch_size": (1, None, False),
-    "data.roi_size": (16, None, False),
     "data.demo_patients": (3, None, False),
     "data.val_fraction": (0.0, 1.0, True),
-    "data.pos_neg_ratio": (0.0, None, False),
+    "data.fg_oversample": (0.0, 1.0, False),
     "data.aug_prob": (0.0, 1.0, False),
+    "data.affine_prob": (0.0, 1.0, False),
     "data.window_width": (0.0, None, True),
     "model.visual_tokens": (1, None, False),
     "model.ich_loss_weight": (0.0, None, False),
@@ -193,6 +213,11 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "scheduler.step_size": (1, None, False),
     "scheduler.gamma": (0.0, 1.0, True),
     "hardware.num_workers": (0, None, False),
+    "hardware.cpu_threads": (1, None, False),
+    "val_scans": (1, None, False),
+    "val_overlap": (0.0, 1.0, False),
+    "scheduler.exponent": (0.0, None, True),
+    "model.unet.num_res_units": (0, None, False),
     "hardware.nproc_per_node": (1, None, False),
     "hardware.timeout_min": (0.0, None, True),
     "logger.log_freq": (1, None, False),
@@ -283,11 +308,36 @@ def _check_ranges(cfg: DictConfig) -> None:
             raise UserError(f"config key '{key}' is {value}; it must be {bound}")
     if len(cfg.data.spacing) != 3 or any(s <= 0 for s in cfg.data.spacing):
         raise UserError(f"config key 'data.spacing' is {list(cfg.data.spacing)}; give three positive mm values")
-    if cfg.data.roi_size % 16:
-        raise UserError(f"config key 'data.roi_size' is {cfg.data.roi_size}; it must be a multiple of 16")
+    roi = roi_triple(cfg.data.roi_size)
+    if cfg.model.name == "unet":
+        divisor = unet_divisor(cfg.model.unet.strides)
+        if any(r % d for r, d in zip(roi, divisor)):
+            raise UserError(f"config key 'data.roi_size' is {list(roi)}; with model.unet.strides each side must be a "
+                            f"multiple of {list(divisor)}")
+    elif roi != (128, 128, 128):
+        raise UserError(f"config key 'data.roi_size' is {list(roi)}; model={cfg.model.name} takes 128^3 crops")
     if not cfg.model.val_clicks or any(c < 1 for c in cfg.model.val_clicks):
         raise UserError(f"config key 'model.val_clicks' is {list(cfg.model.val_clicks)}; give click counts >= 1 "
                         "(model.prompt_mode=auto evaluates without clicks)")
+
+
+def roi_triple(value: Any) -> tuple[int, int, int]:
+    """`data.roi_size` as three ints: one int (a cube) or a list of three. Raises UserError otherwise."""
+    values = [value] * 3 if isinstance(value, int) else list(value) if OmegaConf.is_list(value) or isinstance(
+        value, list | tuple) else None
+    if values is None or len(values) != 3 or not all(isinstance(v, int) and v >= 16 for v in values):
+        raise UserError(f"config key 'data.roi_size' is {value!r}; give one int or three ints, each >= 16")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def unet_divisor(strides: Any) -> tuple[int, int, int]:
+    """The product of the U-Net's strides per axis (a patch side must be a multiple of it)."""
+    out = [1, 1, 1]
+    for stride in strides:
+        per_axis = [stride] * 3 if isinstance(stride, int) else list(stride)
+        for axis in range(3):
+            out[axis] *= per_axis[axis]
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _check_model(cfg: DictConfig) -> None:

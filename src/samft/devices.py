@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from samft.errors import UserError
@@ -14,3 +16,17 @@ def resolve_device(name: str, *, key: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key}=cuda but no CUDA GPU is visible; use {key}=cpu")
     return torch.device(name)
+
+
+def set_cpu_threads(requested: int | None, *, usable_cpus: int, num_workers: int, processes: int = 1) -> int:
+    """Set torch's intra- and inter-op threads for this process and return the intra-op count now in force.
+
+    requested None: the usable CPUs shared by the `processes` of this machine's run, less one CPU per loader
+    worker, at least 1 (on 2 cores, torch's default two threads beside a busy loader worker oversubscribe them).
+    Inter-op threads can be set only before torch's first parallel work; after that the current value is kept.
+    """
+    threads = requested or max(1, usable_cpus // max(1, processes) - num_workers)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already fixed by earlier parallel work in this process
+        torch.set_num_interop_threads(threads)
+    return torch.get_num_threads()

@@ -61,6 +61,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if is_active() else 0
 
 
+def local_world_size() -> int:
+    """Processes of this run on this node (LOCAL_WORLD_SIZE, set by torchrun and `spawn`; else the world size)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size())) if is_active() else 1
+
+
 def cuda_device() -> torch.device:
     """The GPU of this rank: local rank modulo the visible GPUs (a scheduler may show each task only its own)."""
     return torch.device("cuda", local_rank() % torch.cuda.device_count())
@@ -291,9 +296,7 @@ def _worker(
     index: int, fn: Callable[..., Any], args: tuple, nprocs: int, init_method: str, backend: str,
     timeout_min: float, log_setup: dict[str, Any], outcomes: Any,
 ) -> None:
-    os.environ["LOCAL_RANK"] = str(index)
-    if backend == "gloo":  # the node's cores are shared by the workers
-        torch.set_num_threads(max(1, torch.get_num_threads() // nprocs))
+    os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(index), str(nprocs)
     with process_group(backend=backend, timeout_min=timeout_min, init_method=init_method, rank=index,
                        world_size=nprocs):
         _apply_log_setup(log_setup)

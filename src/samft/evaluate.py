@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("samft.evaluate")
 BRAIN_WINDOW_HU = (0.0, 80.0)  # overlays: level 40, width 80, where blood (50-90 HU) stands out
-SIZE_BANDS_ML = (("under 1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), ("over 10 ml", 10.0, float("inf")))
 PREDICTION_NAMES = ("{stem}.nii.gz", "{stem}.nii", "{stem}_mask.nii.gz")
 """The file names of a scan's prediction in `pred_dir`, tried for the scan's stem (`samft.predict` writes the
 last). nnU-Net names its outputs after the case without the `_0000` channel suffix, so that stem is tried too."""
@@ -52,75 +50,6 @@ PredictFn = Callable[[Case], "tuple[np.ndarray, str]"]
 """A case -> (the predicted {0,1} mask X x Y x Z on the case's grid, the mode written to per_case.csv)."""
 
 
-def case_metrics(pred, truth, affine) -> dict[str, float | bool]:
-    """pred, truth: X x Y x Z {0,1} arrays on one grid with `affine` (mm). HD95 is NaN when either is empty.
-
-    `detected`: on a scan with a lesion, the prediction overlaps it; on one without, anything is predicted (a
-    false alarm), so sensitivity and specificity count hits, not any voxel anywhere.
-    """
-    import numpy as np
-    import torch
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
-
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    p = torch.as_tensor(pred > 0)[None, None].float()
-    t = torch.as_tensor(truth > 0)[None, None].float()
-    dice = DiceMetric(include_background=True, ignore_empty=False, reduction="none")(p, t).item()
-    hd95 = math.nan
-    if p.any() and t.any():
-        metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-        hd95 = metric(p, t, spacing=spacing.tolist()).item()
-    return {
-        "dice": dice, "hd95_mm": hd95,
-        "pred_volume_ml": float(p.sum()) * voxel_ml, "true_volume_ml": float(t.sum()) * voxel_ml,
-        "detected": bool((p * t).any()) if t.any() else bool(p.any()), "positive": bool(t.any()),
-    }
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over cases, and the same per true lesion-size band (`by_size`)."""
-    summary = _means(rows)
-    summary["by_size"] = {
-        name: _means([r for r in rows if r["positive"] and low <= r["true_volume_ml"] < high])
-        for name, low, high in SIZE_BANDS_ML
-    }
-    return summary
-
-
-def interior_click(truth) -> list[float] | None:
-    """The click a reader would give: the lesion voxel farthest from the lesion border, as [x, y, z, 1]."""
-    import numpy as np
-    from scipy.ndimage import distance_transform_edt
-
-    if not truth.any():
-        return None
-    depth = distance_transform_edt(truth > 0)
-    return [*map(float, np.unravel_index(int(depth.argmax()), truth.shape)), 1.0]
-
-
-def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    import numpy as np
-
-    positives = [r for r in rows if r["positive"]]
-    negatives = [r for r in rows if not r["positive"]]
-    finite_hd = [r["hd95_mm"] for r in positives if math.isfinite(r["hd95_mm"])]
-
-    def mean(values: list[float]) -> float | None:
-        return float(np.mean(values)) if values else None
-
-    negative_volumes = [r["pred_volume_ml"] for r in negatives]  # on a negative every predicted voxel is false
-    return {
-        "n_cases": len(rows), "n_positive": len(positives), "n_negative": len(negatives),
-        "dice_positive_mean": mean([r["dice"] for r in positives]),
-        "hd95_mm_mean": mean(finite_hd),
-        "volume_abs_error_ml_mean": mean([abs(r["pred_volume_ml"] - r["true_volume_ml"]) for r in positives]),
-        "sensitivity": mean([float(r["detected"]) for r in positives]),
-        "specificity": mean([float(not r["detected"]) for r in negatives]),
-        "fp_volume_ml_median": float(np.median(negative_volumes)) if negative_volumes else None,
-    }
-
-
 def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
     """Score the masks of `cfg.ckpt` or of the files in `cfg.pred_dir` (exactly one) against the true masks."""
     if bool(cfg.ckpt) == bool(cfg.pred_dir):
@@ -143,6 +72,7 @@ def score_cases(records: list[dict[str, Any]], predict: PredictFn, *, output: Pa
     from tqdm import tqdm
 
     from samft.engine.plots import save_overlay
+    from samft.scoring import case_metrics, summarize
 
     (output / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -182,9 +112,11 @@ def checkpoint_predictions(cfg: DictConfig) -> PredictFn:
     """Masks from a samft checkpoint: prompt-free, or with clicks from `cfg.points` / the label's innermost voxel."""
     from samft.devices import resolve_device
     from samft.inference import Predictor
+    from samft.scoring import interior_click
 
     device = resolve_device(cfg.device, key="device")
-    predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)
+    predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
+                          postprocess=cfg.postprocess)
     points = json.loads(Path(cfg.points).read_text()) if cfg.points else {}
 
     def predict(case: Case) -> tuple[np.ndarray, str]:

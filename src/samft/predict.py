@@ -121,7 +121,8 @@ def run_predictions(cfg: DictConfig) -> list[str]:
     jobs = plan_jobs(source=Path(cfg.input), output=Path(cfg.output),
                      points_file=Path(cfg.points) if cfg.points else None, probabilities=cfg.probabilities,
                      output_format=output_format)
-    predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size)
+    predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
+                          postprocess=cfg.postprocess)
     if predictor.prompt_mode == "click" and any(job.points is None for job in jobs):
         log.warning("this model was trained with click prompts (model.prompt_mode=click): its prompt-free masks "
                     "are weaker; pass points=<clicks.json> or train with model.prompt_mode=both or auto")

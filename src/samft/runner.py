@@ -79,10 +79,12 @@ def _train_spawned(resolved: dict, run_dir: str) -> float:
 def train_in(cfg: DictConfig, run_dir: Path) -> float:
     """This process's part of a run (the whole run without a process group); see `train_at`."""
     from samft.builders import build_logger, optimizer_and_scheduler, preprocessing, train_settings
-    from samft.data.datamodule import build_dataloaders
+    from samft.data.datamodule import available_cpus, build_dataloaders, default_num_workers
     from samft.data.records import load_records
+    from samft.devices import set_cpu_threads
     from samft.engine import Trainer, system_check
-    from samft.model import build_model
+    from samft.engine.validation import ScanValidation
+    from samft.model import build_model_from_config
     from samft.seeding import seed_everything
 
     main = distributed.is_main()
@@ -90,6 +92,9 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
     device = _device(cfg.hardware.device)
     if device.type == "cuda" and distributed.is_active():
         device = distributed.cuda_device()
+    workers = default_num_workers() if cfg.hardware.num_workers is None else cfg.hardware.num_workers
+    threads = set_cpu_threads(cfg.hardware.cpu_threads, usable_cpus=available_cpus(), num_workers=workers,
+                              processes=distributed.local_world_size())
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # no URL password in any file or tracker
     if main:
         for warning in risky_settings(cfg) + system_check(run_dir, device=str(device)):
@@ -99,40 +104,39 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
 
     # Rank 0 reads, checks and describes the data (writing stats.json); the other ranks take its records.
     data = distributed.broadcast(load_records(cfg.data, seed=cfg.seed, run_dir=run_dir) if main else None)
-    train_loader, val_loader = build_dataloaders(
-        train_records=data.train, val_records=data.val, preprocessing=preprocessing(cfg.data, data.norm_stats),
-        batch_size=cfg.data.batch_size, num_workers=cfg.hardware.num_workers, cache=cfg.data.cache,
+    prep = preprocessing(cfg.data, data.norm_stats)
+    loaders = build_dataloaders(
+        train_records=data.train, val_records=data.val, preprocessing=prep,
+        batch_size=cfg.data.batch_size, num_workers=workers, cache=cfg.data.cache,
         cache_dir=cfg.data.cache_dir or run_dir / "cache", seed=cfg.seed,
         pin_memory=cfg.hardware.pin_memory and device.type == "cuda", distributed=distributed.is_active(),
+        progress=main,
     )
-    model = build_model(
-        name=cfg.model.name, visual_tokens=cfg.model.visual_tokens,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, checkpoint=cfg.model.checkpoint,
-        freeze_encoder=cfg.model.freeze_encoder,
-    ).to(device)
+    scan_validation = ScanValidation(
+        scans=loaders.val_scans, transform=prep.transforms("val"), records=data.val, roi_size=prep.roi,
+        overlap=cfg.val_overlap, air=prep.air, prompt_mode=cfg.model.prompt_mode, limit=cfg.val_scans,
+    )
+    model = build_model_from_config(cfg.model).to(device)
     _freeze_heads_without_loss(model, ich_loss_weight=cfg.model.ich_loss_weight)
-    if getattr(model, "img_size", cfg.data.roi_size) != cfg.data.roi_size:
-        raise UserError(f"data.roi_size={cfg.data.roi_size} but model={cfg.model.name} takes "
-                        f"{model.img_size}^3 crops; set data.roi_size={model.img_size}")
-    optimizer, scheduler = optimizer_and_scheduler(cfg, model, batches_per_epoch=len(train_loader))
+    optimizer, scheduler = optimizer_and_scheduler(cfg, model, batches_per_epoch=len(loaders.train))
     settings = train_settings(cfg, device)
     resume_from = distributed.broadcast(_resume_path(cfg.resume, run_dir))
     logger = build_logger(cfg.logger, run_dir=run_dir, config=resolved)
-    extra = {**provenance(cfg.seed), "skipped_samples": data.skipped, "data_warnings": data.warnings}
-    # SAM-Med3D has parameters that get no gradient in some or all steps (the extra mask-token hypernetworks,
-    # the IoU head, unused prompt embeddings, a head whose loss weight is 0); the U-Net uses all of its own.
-    wrapped = distributed.wrap_model(model, device=device, find_unused_parameters=cfg.model.name != "unet")
+    extra = {**provenance(cfg.seed), "cpu_threads": threads, "loader_workers": workers,
+             "skipped_samples": data.skipped, "data_warnings": data.warnings}
+    wrapped = distributed.wrap_model(model, device=device, find_unused_parameters=model.has_unused_parameters)
     try:
         trainer = Trainer(
-            model=wrapped, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-            val_loader=val_loader, settings=settings, run_dir=run_dir, logger=logger,
+            model=wrapped, optimizer=optimizer, scheduler=scheduler, train_loader=loaders.train,
+            val_loader=loaders.val, settings=settings, run_dir=run_dir, logger=logger,
             resolved_config=resolved, extra_summary=extra, epoch_callback=_pruning_callback(cfg) if main else None,
+            scan_validation=scan_validation,
         )
         summary = trainer.fit(resume_from=resume_from)
     finally:
         logger.close()
     if main:
-        _finish(cfg, model, run_dir, summary)
+        _finish(cfg, model, run_dir, summary, scan_validation=scan_validation, device=device)
     objective = summary["best_metric"]
     if summary["stop_reason"] == "pruned":
         _raise_pruned(cfg)
@@ -144,8 +148,9 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
     return objective
 
 
-def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict) -> None:
-    """Rank 0: export the best weights' encoder and print where the run is and how it ended."""
+def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict, *, scan_validation, device) -> None:
+    """Rank 0: decide the post-processing on the validation scans and export the encoder (both with the best
+    weights), and print where the run is and how it ended."""
     import torch
 
     from samft.export import save_encoder
@@ -154,13 +159,32 @@ def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict) -> None:
     if best.exists():
         state = torch.load(best, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-    if hasattr(model, "image_encoder"):  # SAM models; the U-Net baseline has no encoder to export
+        _decide_postprocessing(model, scan_validation, run_dir=run_dir, device=device)
+    if model.exports_encoder:
         save_encoder(model, run_dir / "sam_encoder.pth", model_name=cfg.model.name,
                      visual_tokens=cfg.model.visual_tokens)
     objective = summary["best_metric"]
     print(f"run directory: {run_dir}")
     shown = "none (no validation finished)" if objective is None else f"{objective:.4f} (epoch {summary['best_epoch']})"
     print(f"best {summary['metric_name']}: {shown}, stop reason: {summary['stop_reason']}")
+
+
+def _decide_postprocessing(model, scan_validation, *, run_dir: Path, device) -> None:
+    """Score each candidate minimum component volume on the validation scans (the monitored mode) and store the
+    choice in postprocessing.json, which samft.predict and samft.evaluate apply."""
+    from contextlib import nullcontext
+
+    from samft import postprocess
+
+    rows = scan_validation.case_rows(model, device=device, autocast=nullcontext,
+                                     min_component_candidates=postprocess.CANDIDATES_ML)
+    rows = [r for r in rows if r["mode"] == scan_validation.monitored_mode]
+    if not rows:
+        return
+    decision = postprocess.choose({c: [r["dice_by_min_ml"][c] for r in rows] for c in postprocess.CANDIDATES_ML})
+    postprocess.save(run_dir, decision)
+    log.info("post-processing: drop predicted components under %g ml (mean validation Dice by minimum volume: %s)",
+             decision["min_component_ml"], decision["mean_dice_by_min_component_ml"])
 
 
 def _device(name: str):

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from monai.data.utils import pickle_hashing
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 from torch.utils.data import DistributedSampler, Sampler
 
-from samft.data.transforms import Preprocessing
+from samft.data.transforms import Preprocessing, crop_around_label
 from samft.errors import UserError
 
 CACHES = ("none", "memory", "disk")
@@ -53,13 +53,25 @@ def build_datasets(
     cache: str = "memory",
     cache_dir: str | Path | None = None,
     cache_workers: int = 1,
+    progress: bool = False,
 ) -> tuple[Dataset, Dataset]:
     """MONAI datasets of the train and val records with the stage pipelines (``cache`` as in the module doc;
-    ``cache_workers`` threads fill the memory cache)."""
+    ``cache_workers`` threads fill the cache up front, with a progress bar if ``progress``)."""
     return tuple(  # type: ignore[return-value]
-        _dataset(records, preprocessing, stage=stage, cache=cache, cache_dir=cache_dir, workers=cache_workers)
+        _dataset(records, preprocessing, stage=stage, cache=cache, cache_dir=cache_dir, workers=cache_workers,
+                 progress=progress)
         for stage, records in (("train", train_records), ("val", val_records))
     )
+
+
+@dataclass(frozen=True)
+class DataLoaders:
+    """``train``: random patches; ``val``: lesion-centred crops of the validation scans (the cheap extra
+    metric); ``val_scans``: the whole preprocessed validation scans (``val`` stage), one sample per case."""
+
+    train: DataLoader
+    val: DataLoader
+    val_scans: Dataset
 
 
 def build_dataloaders(
@@ -74,9 +86,10 @@ def build_dataloaders(
     pin_memory: bool = False,
     seed: int = 0,
     distributed: bool = False,
-) -> tuple[DataLoader, DataLoader]:
-    """Train and val loaders; batches are dicts (CONTRACT.md): ``image`` float32 MetaTensor B x 1 x R^3,
-    ``label`` float32 B x 1 x R^3 in {0, 1}, ``ich`` float32 B, ``case_id`` list[str], plus meta.
+    progress: bool = False,
+) -> DataLoaders:
+    """Loaders whose batches are dicts: ``image`` float32 MetaTensor B x 1 x R0 x R1 x R2, ``label`` float32
+    B x 1 x R0 x R1 x R2 in {0, 1}, ``ich`` float32 B, ``case_id`` list[str], plus meta.
 
     ``num_workers=None`` uses ``default_num_workers()``; workers persist across epochs. With
     ``distributed=True`` (process group initialised) each rank gets its shard of the training set; every
@@ -85,7 +98,7 @@ def build_dataloaders(
     workers = default_num_workers() if num_workers is None else num_workers
     train_ds, val_ds = build_datasets(
         train_records=train_records, val_records=val_records, preprocessing=preprocessing, cache=cache,
-        cache_dir=cache_dir, cache_workers=available_cpus(),
+        cache_dir=cache_dir, cache_workers=available_cpus(), progress=progress,
     )
     sampler = EpochSampler(len(train_ds), seed=seed, distributed=distributed)
     common: dict[str, Any] = {
@@ -93,8 +106,26 @@ def build_dataloaders(
         "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed),
     }
     train_loader = DataLoader(SeededSamples(train_ds, seed=seed), sampler=sampler, **common)
-    val_loader = DataLoader(SeededSamples(val_ds, seed=seed), shuffle=False, **common)
-    return train_loader, val_loader
+    crops = LesionCrops(val_ds, roi_size=preprocessing.roi, air=preprocessing.air)
+    val_loader = DataLoader(crops, shuffle=False, **{**common, "num_workers": 0, "persistent_workers": False})
+    return DataLoaders(train=train_loader, val=val_loader, val_scans=val_ds)
+
+
+class LesionCrops(torch.utils.data.Dataset):
+    """The lesion-centred ``roi_size`` crop (``crop_around_label``) of each whole preprocessed scan."""
+
+    def __init__(self, scans: Dataset, *, roi_size: Sequence[int], air: float) -> None:
+        self.scans, self.roi_size, self.air = scans, tuple(roi_size), air
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.scans[index])
+        sample["image"], sample["label"] = crop_around_label(
+            sample["image"], sample["label"], self.roi_size, air=self.air
+        )
+        return sample
 
 
 class EpochSampler(Sampler):
@@ -147,21 +178,36 @@ class SeededSamples(torch.utils.data.Dataset):
 
 def _dataset(
     records: Sequence[dict], preprocessing: Preprocessing, *, stage: str, cache: str,
-    cache_dir: str | Path | None, workers: int,
+    cache_dir: str | Path | None, workers: int, progress: bool,
 ) -> Dataset:
     transform = preprocessing.transforms(stage)
     data = list(records)
     if cache == "none":
         return Dataset(data, transform)
     if cache == "memory":
-        return CacheDataset(data, transform, num_workers=workers, progress=False)
+        return CacheDataset(data, transform, num_workers=workers, progress=progress)
     if cache != "disk":
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if cache_dir is None:
         raise UserError("data.cache=disk needs data.cache_dir (a folder for the preprocessed volumes)")
     folder = Path(cache_dir).expanduser() / f"{stage}-{_settings_hash(preprocessing)}"
     folder.mkdir(parents=True, exist_ok=True)
-    return _SafePersistentDataset(data, transform, cache_dir=folder, hash_func=_record_hash, track_meta=True)
+    dataset = _SafePersistentDataset(data, transform, cache_dir=folder, hash_func=_record_hash, track_meta=True)
+    _fill_disk_cache(dataset, workers=workers, progress=progress, stage=stage)
+    return dataset
+
+
+def _fill_disk_cache(dataset: PersistentDataset, *, workers: int, progress: bool, stage: str) -> None:
+    """Preprocess every case not yet on disk, up front (nnU-Net's preprocessing pass), so that the first epoch
+    is not bound by reading and resampling."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        done = pool.map(dataset.__getitem__, range(len(dataset)))
+        for _ in tqdm(done, total=len(dataset), desc=f"preprocess {stage}", disable=not progress):
+            pass
 
 
 class _SafePersistentDataset(PersistentDataset):
@@ -183,7 +229,7 @@ class _SafePersistentDataset(PersistentDataset):
 
 def _settings_hash(preprocessing: Preprocessing) -> str:
     """Hash of what the cached prefix depends on (not the random crop or augmentation settings)."""
-    settings = {k: v for k, v in asdict(preprocessing).items() if k not in ("pos_neg_ratio", "aug_prob")}
+    settings = {k: v for k, v in asdict(preprocessing).items() if k not in ("fg_oversample", "aug_prob", "affine_prob")}
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

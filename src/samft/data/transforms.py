@@ -5,15 +5,16 @@ NIfTI through nibabel; no label file -> an all-zero mask on the image grid), ori
 ``spacing`` (bilinear image, nearest label), map intensities (brain window or nnU-Net CT normalisation).
 Then:
 
-- ``predict``: nothing more; the whole volume goes to sliding-window inference and ``monai.transforms.Invertd``
-  maps predictions back to the original grid (orientation and spacing are invertible).
-- ``val``: pad to at least ``roi_size`` with air, then one ``roi_size`` crop centred on the bounding box of
-  the lesion(s), or on the volume centre when the mask is empty (also deterministic, so it is cached).
-- ``train``: pad as for ``val``, then random crops biased towards lesions (``pos_neg_ratio`` positive :
-  1 negative; any lesion voxel can be a centre, so small lesions are kept; an empty mask gives a random
-  crop inside the head) and augmentation, each with probability ``aug_prob``: flips on 3 axes, a small
-  affine, intensity scale and shift. Random parameters are drawn once per sample and applied to image and
-  label alike (label resampled with nearest neighbour).
+- ``predict`` and ``val``: nothing more; the whole volume (with its label for ``val``) goes to sliding-window
+  inference and ``monai.transforms.Invertd`` maps predictions back to the original grid (orientation and
+  spacing are invertible). Validation thus scores whole scans exactly as ``samft.predict`` meets them;
+  ``crop_around_label`` gives the cheap lesion-centred crop that validation also scores.
+- ``train``: pad to at least ``roi_size`` with air, then nnU-Net's patch sampling: with probability
+  ``fg_oversample`` the crop is centred on a random lesion voxel (any lesion voxel, so small lesions are kept),
+  otherwise it is drawn uniformly over the whole padded volume (air, skull and table included, as whole-scan
+  inference meets them); then augmentation: flips on 3 axes and intensity scale and shift, each with
+  probability ``aug_prob``, and a small affine with probability ``affine_prob``. Random parameters are drawn
+  once per sample and applied to image and label alike (label resampled with nearest neighbour).
 
 The result is one flat ``Compose``: MONAI's cached datasets cache everything before the first random
 transform, i.e. the deterministic prefix.
@@ -22,7 +23,6 @@ transform, i.e. the deterministic prefix.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -37,8 +37,8 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAffined,
-    RandCropByPosNegLabeld,
     RandFlipd,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
     ScaleIntensityRanged,
@@ -59,7 +59,7 @@ AUG_ROTATION_DEG = 10.0
 AUG_SCALE = 0.1
 AUG_INTENSITY_SCALE = 0.1
 AUG_SHIFT_HU = 8.0
-FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
+FG_INDICES = "fg_indices"
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel's convention, which the readers' affines follow
 _KEPT_META = (MetaKeys.AFFINE, MetaKeys.ORIGINAL_AFFINE, MetaKeys.SPATIAL_SHAPE, MetaKeys.SPACE)
 
@@ -69,16 +69,42 @@ class Preprocessing:
     """The preprocessing settings (``data.*``) in one value; ``transforms(stage)`` builds that stage's pipeline."""
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    roi_size: int = 128
+    roi_size: int | tuple[int, int, int] = 128
     intensity: str = "window"
     window_center: float = 40.0
     window_width: float = 80.0
     norm_stats: Mapping[str, float] | None = None
-    pos_neg_ratio: float = 1.0
+    fg_oversample: float = 0.33
     aug_prob: float = 0.3
+    affine_prob: float = 0.0
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any], norm_stats: Mapping[str, float] | None) -> Preprocessing:
+        """From the `data` config section (a run's resolved config, or the DictConfig) and, for
+        `intensity=nnunet`, the training set's foreground statistics. The sampling and augmentation keys default
+        when absent (configs saved before they existed), since prediction does not use them."""
+        defaults = cls()
+        return cls(
+            spacing=tuple(data["spacing"]), roi_size=triple(data["roi_size"]), intensity=data["intensity"],
+            window_center=data["window_center"], window_width=data["window_width"],
+            norm_stats=norm_stats if data["intensity"] == "nnunet" else None,
+            fg_oversample=data.get("fg_oversample", defaults.fg_oversample),
+            aug_prob=data.get("aug_prob", defaults.aug_prob), affine_prob=data.get("affine_prob", defaults.affine_prob),
+        )
 
     def transforms(self, stage: Stage) -> Compose:
         return build_transforms(stage=stage, **asdict(self))
+
+    @property
+    def roi(self) -> tuple[int, int, int]:
+        """The patch (and sliding-window) size in voxels of the resampled grid."""
+        return triple(self.roi_size)
+
+    @property
+    def air(self) -> float:
+        """The normalised value of air: padding of crops and sliding windows."""
+        return intensity_range(intensity=self.intensity, window_center=self.window_center,
+                               window_width=self.window_width, norm_stats=self.norm_stats)[2]
 
 
 def intensity_range(
@@ -117,21 +143,22 @@ def build_transforms(
     window_center: float = 40.0,
     window_width: float = 80.0,
     norm_stats: Mapping[str, float] | None = None,
-    pos_neg_ratio: float = 1.0,
+    fg_oversample: float = 0.33,
     aug_prob: float = 0.3,
+    affine_prob: float = 0.0,
     keys: tuple[str, str] = ("image", "label"),
 ) -> Compose:
-    """The pipeline for one stage, applied to record dicts (CONTRACT.md) holding file paths.
+    """The pipeline for one stage, applied to record dicts (``image``, ``label`` file paths, ``ich``, ...).
 
-    Output per sample: ``image`` float32 MetaTensor 1 x R0 x R1 x R2 (R = ``roi_size``; for ``predict`` the
-    whole resampled volume), ``label`` float32 1 x R0 x R1 x R2 in {0, 1} (when the record has one),
-    ``ich`` float32 scalar tensor (when present); other record entries pass through unchanged.
+    Output per sample: ``image`` float32 MetaTensor 1 x R0 x R1 x R2 (R = ``roi_size``; for ``predict`` and
+    ``val`` the whole resampled volume), ``label`` float32 of the image's shape in {0, 1} (when the record has
+    one), ``ich`` float32 scalar tensor (when present); other record entries pass through unchanged.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     image, label = keys
     both = [image, label]
-    roi = _triple(roi_size)
+    roi = triple(roi_size)
     a_min, a_max, b_min, b_max = intensity_range(
         intensity=intensity, window_center=window_center, window_width=window_width, norm_stats=norm_stats
     )
@@ -142,29 +169,21 @@ def build_transforms(
         ScaleIntensityRanged(keys=image, a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=True),
         EnsureTyped(keys="ich", data_type="tensor", dtype=torch.float32, track_meta=False, allow_missing_keys=True),
     ]
-    if stage == "predict":
+    if stage in ("predict", "val"):
         return Compose(transforms)
-    transforms += [
-        SpatialPadd(keys=image, spatial_size=roi, value=b_min),
-        SpatialPadd(keys=label, spatial_size=roi, value=0.0),
-    ]
-    if stage == "val":
-        return Compose([*transforms, CropAroundLabeld(keys=both, label_key=label, roi_size=roi)])
     shift = AUG_SHIFT_HU * (b_max - b_min) / (a_max - a_min)
     return Compose([
         *transforms,
-        # negative centres inside the head (above air) when air has its own value, as with the window
-        CropCentresd(label_key=label, image_key=image if intensity == "window" else None, image_threshold=b_min),
-        PosNegCropd(
-            keys=both, label_key=label, spatial_size=roi, pos=pos_neg_ratio, neg=1.0, num_samples=1,
-            fg_indices_key=FG_INDICES, bg_indices_key=BG_INDICES,
-        ),
+        SpatialPadd(keys=image, spatial_size=roi, value=b_min),
+        SpatialPadd(keys=label, spatial_size=roi, value=0.0),
+        LesionIndicesd(label_key=label),
+        ForegroundOversampledCropd(keys=both, roi_size=roi, fg_oversample=fg_oversample),
         *(RandFlipd(keys=both, prob=aug_prob, spatial_axis=axis) for axis in range(3)),
-        RandAffine32d(
-            keys=both, prob=aug_prob, rotate_range=(np.deg2rad(AUG_ROTATION_DEG),) * 3,
+        *([RandAffine32d(
+            keys=both, prob=affine_prob, rotate_range=(np.deg2rad(AUG_ROTATION_DEG),) * 3,
             scale_range=(AUG_SCALE,) * 3, mode=("bilinear", "nearest"), padding_mode=("border", "zeros"),
             spatial_size=roi, cache_grid=True,
-        ),
+        )] if affine_prob > 0 else []),
         RandScaleIntensityd(keys=image, factors=AUG_INTENSITY_SCALE, prob=aug_prob),
         RandShiftIntensityd(keys=image, offsets=shift, prob=aug_prob),
     ])
@@ -225,53 +244,69 @@ def _check_same_grid(
         )
 
 
-class CropAroundLabeld(MapTransform):
-    """Crop ``roi_size`` around the centre of the label's bounding box (the volume centre if it is empty).
+def crop_around_label(
+    image: torch.Tensor, label: torch.Tensor, roi_size: Sequence[int], *, air: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``roi_size`` crop centred on the label's bounding box (the volume centre when it is empty).
 
-    The window is shifted to stay inside the volume, which must be at least ``roi_size`` (pad first).
+    image, label: C x X x Y x Z (padded with ``air`` / 0 where smaller than the roi) -> C x R0 x R1 x R2 each.
     """
+    roi = np.array(roi_size)
+    pad = np.maximum(roi - np.array(label.shape[1:]), 0)
+    if pad.any():
+        widths = [int(w) for p in pad[::-1] for w in (p // 2, p - p // 2)]
+        image = torch.nn.functional.pad(image, widths, value=air)
+        label = torch.nn.functional.pad(label, widths, value=0.0)
+    shape = np.array(label.shape[1:])
+    found = torch.nonzero(label[0] > 0)
+    centre = (found.min(0).values + found.max(0).values).cpu().numpy() // 2 if len(found) else shape // 2
+    start = np.clip(centre - roi // 2, 0, shape - roi)
+    window = (slice(None), *(slice(int(a), int(a + r)) for a, r in zip(start, roi)))
+    return image[window], label[window]
 
-    def __init__(self, *, keys: Sequence[str], label_key: str, roi_size: Sequence[int]) -> None:
-        super().__init__(keys=keys, allow_missing_keys=True)
-        self.label_key, self.roi_size = label_key, tuple(roi_size)
+
+class LesionIndicesd(MapTransform):
+    """``fg_indices``: the flat indices of every lesion voxel (into the label's spatial shape), computed once
+    per case so that they are cached with the volume."""
+
+    def __init__(self, *, label_key: str) -> None:
+        super().__init__(keys=[label_key])
+        self.label_key = label_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        label = d[self.label_key]
-        shape = np.array(label.shape[1:])
-        found = torch.nonzero(label[0] > 0)
-        centre = (found.min(0).values + found.max(0).values).numpy() // 2 if len(found) else shape // 2
-        roi = np.array(self.roi_size)
-        start = np.clip(centre - roi // 2, 0, np.maximum(shape - roi, 0))
-        crop = SpatialCrop(roi_start=start.tolist(), roi_end=(start + roi).tolist())
-        for key in self.key_iterator(d):
-            d[key] = crop(d[key])
+        d[FG_INDICES] = np.flatnonzero(np.asarray(d[self.label_key][0]) > 0)
         return d
 
 
-class CropCentresd(MapTransform):
-    """Candidate centres for lesion-biased crops, computed once (so they are cached with the volume):
-    ``fg_indices`` every lesion voxel (small lesions included), ``bg_indices`` an evenly strided subset of at
-    most ``max_background`` voxels outside the lesion and above ``image_threshold`` (inside the head; every
-    voxel if there is none), both flat indices into the label's spatial shape."""
+class ForegroundOversampledCropd(Randomizable, MapTransform):
+    """nnU-Net's patch sampling: with probability ``fg_oversample`` a ``roi_size`` crop centred on a uniform
+    lesion voxel (shifted to stay inside the volume), otherwise a crop at a uniform position over the whole
+    volume. A case without lesion voxels always gets the uniform crop. The volume must be at least
+    ``roi_size`` (pad first); ``fg_indices`` from ``LesionIndicesd``."""
 
-    def __init__(
-        self, *, label_key: str, image_key: str | None, image_threshold: float, max_background: int = 20_000
-    ) -> None:
-        super().__init__(keys=[label_key])
-        self.label_key, self.image_key = label_key, image_key
-        self.image_threshold, self.max_background = image_threshold, max_background
+    def __init__(self, *, keys: Sequence[str], roi_size: Sequence[int], fg_oversample: float) -> None:
+        MapTransform.__init__(self, keys=keys, allow_missing_keys=True)
+        self.roi = np.array(roi_size)
+        self.fg_oversample = fg_oversample
+        self._start: np.ndarray | None = None
+
+    def randomize(self, shape: np.ndarray, fg_indices: np.ndarray) -> None:
+        room = shape - self.roi
+        if len(fg_indices) and self.R.random_sample() < self.fg_oversample:
+            centre = np.array(np.unravel_index(fg_indices[self.R.randint(len(fg_indices))], tuple(shape)))
+            self._start = np.clip(centre - self.roi // 2, 0, room)
+        else:
+            self._start = np.array([self.R.randint(r + 1) for r in room])
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        label = d[self.label_key][0] > 0
-        background = ~label
-        if self.image_key is not None:
-            inside = background & (d[self.image_key][0] > self.image_threshold)
-            background = inside if inside.any() else background
-        bg = np.flatnonzero(background.numpy())
-        d[FG_INDICES] = np.flatnonzero(label.numpy())
-        d[BG_INDICES] = bg[:: max(1, -(-len(bg) // self.max_background))]
+        first = d[next(iter(self.key_iterator(d)))]
+        self.randomize(np.array(first.shape[1:]), d[FG_INDICES])
+        crop = SpatialCrop(roi_start=self._start.tolist(), roi_end=(self._start + self.roi).tolist())
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        d.pop(FG_INDICES)
         return d
 
 
@@ -283,17 +318,7 @@ class RandAffine32d(RandAffined):
         self.rand_affine.resampler.dtype = np.float32
 
 
-class PosNegCropd(RandCropByPosNegLabeld):
-    """``RandCropByPosNegLabeld`` without its warning for every case without a lesion (expected here: such
-    cases fall back to negative crops)."""
-
-    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> list[dict[Hashable, Any]]:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Num foregrounds")  # "... unable to generate class balanced"
-            return super().__call__(data, lazy=lazy)
-
-
-def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:
+def triple(size: int | Sequence[int]) -> tuple[int, int, int]:
     values = (size,) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
     if len(values) != 3:
         raise ValueError(f"roi_size must be an int or 3 ints, got {size!r}")

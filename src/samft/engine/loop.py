@@ -44,6 +44,7 @@ from samft.engine.plots import plot_curves, save_overlay
 from samft.engine.precision import autocast, grad_scaler
 from samft.engine.settings import TrainSettings
 from samft.engine.stopping import EarlyStopping
+from samft.engine.validation import ScanValidation
 from samft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ class Trainer:
     `summary.json` and `training_curves.png` into `run_dir`. A DDP-wrapped model is called through the wrapper
     (its `forward` must be `segment`) and synchronises gradients only on the last micro-step of a window.
     `epoch_callback(epoch, val_metrics)` runs after each validation and checkpoint; True stops the run
-    ("pruned").
+    ("pruned"). With `scan_validation` the monitored `val/dice` is whole-scan Dice (the path of `samft.predict`)
+    and the metrics of `val_loader`'s crops are renamed `val/crop_*`; without it they are the validation.
 
     Ctrl-C: the first one finishes the running optimiser step and saves `latest_model.pth` with the position in
     the epoch (a resume replays the epoch's data order and continues exactly); a second one aborts at once and
@@ -104,6 +106,7 @@ class Trainer:
         resolved_config: Mapping[str, Any] | None = None,
         extra_summary: Mapping[str, Any] | None = None,
         epoch_callback: EpochCallback | None = None,
+        scan_validation: ScanValidation | None = None,
     ) -> None:
         self.settings = settings
         self.device = torch.device(settings.device)
@@ -119,8 +122,10 @@ class Trainer:
         self.config = _plain_data(resolved_config or {}, "resolved_config")
         self.extra_summary = dict(extra_summary or {})
         self.epoch_callback = epoch_callback
+        self.scan_validation = scan_validation
         self.loss_fn = SegmentationLoss(
-            ich_weight=settings.ich_loss_weight, lesion_pos_weight=settings.lesion_pos_weight
+            ich_weight=settings.ich_loss_weight, lesion_pos_weight=settings.lesion_pos_weight,
+            batch_dice=settings.batch_dice,
         ).to(self.device)
         self.autocast = partial(autocast, settings.precision, self.device)
         self.scaler = grad_scaler(settings.precision, self.device)
@@ -408,7 +413,7 @@ class Trainer:
         def batch_seed(index: int) -> int:
             return derive_seed(self.settings.seed, VALIDATION_STREAM, self.rank + index * self.world_size)
 
-        return evaluate(
+        crops = evaluate(
             unwrap(self.model),
             self.val_loader,
             rounds=self.settings.val_rounds,
@@ -421,6 +426,16 @@ class Trainer:
             gather=_gather_over_ranks if self.world_size > 1 else None,
             default_spacing=self.settings.spacing,
         )
+        if self.scan_validation is None:
+            return crops
+        # whole scans decide (val/dice); the lesion-centred crops stay as a cheap extra (val/crop_*)
+        metrics = {key.replace("val/", "val/crop_", 1): value for key, value in crops.metrics.items()}
+        rows = self.scan_validation.case_rows(unwrap(self.model), device=self.device, autocast=self.autocast,
+                                              rank=self.rank, world_size=self.world_size)
+        if self.world_size > 1:
+            rows = [row for part in distributed.all_gather(rows) for row in part]
+        metrics.update(self.scan_validation.metrics(rows))
+        return ValidationResult(metrics, crops.example)
 
     def _publish(self, record: dict[str, Any], result: ValidationResult | None) -> None:
         epoch = record["epoch"]

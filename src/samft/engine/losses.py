@@ -12,18 +12,21 @@ from torch import nn
 class SegmentationLoss(nn.Module):
     """Mean over the batch of sum_rounds DiceCE(logits_r, label) + ich_weight * BCE(ich_logit, ich).
 
-    The prompt-free logits of prompt_mode=both count as one more round. Each term is a per-sample mean, so the
-    loss of a batch equals the mean of its samples' losses (what exact gradient accumulation relies on).
+    The prompt-free logits of prompt_mode=both count as one more round. `batch_dice` (nnU-Net's choice) computes
+    the Dice over the whole batch as one volume: a patch without lesion then adds its false positives to the
+    batch's denominator instead of scoring 0 or 1 on its own. Without it each term is a per-sample mean, so the
+    loss of a batch equals the mean of its samples' losses and gradient accumulation is exactly a larger batch;
+    with it, accumulation is exact for the CE term only.
     `ich_weight=0` or a model without a classifier head drops the ICH term. `lesion_pos_weight` weighs the BCE
     of lesion voxels: a bleed fills 0.01-1 % of a 128^3 crop, and with unweighted BCE a model trained from
     scratch first collapses to empty masks (where Dice gives no gradient) and stays there for about a hundred
     updates before it finds the lesions (README, "The model"; benchmarks/empty_mask_plateau.py).
     """
 
-    def __init__(self, *, ich_weight: float, lesion_pos_weight: float = 1.0) -> None:
+    def __init__(self, *, ich_weight: float, lesion_pos_weight: float = 1.0, batch_dice: bool = False) -> None:
         super().__init__()
         self.ich_weight = ich_weight
-        self.dice_ce = DiceCELoss(sigmoid=True, weight=torch.tensor([float(lesion_pos_weight)]))
+        self.dice_ce = DiceCELoss(sigmoid=True, batch=batch_dice, weight=torch.tensor([float(lesion_pos_weight)]))
         self.bce = nn.BCEWithLogitsLoss()
 
     def forward(self, output: Any, label: torch.Tensor, ich: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau, StepLR
 
-SCHEDULERS = ("plateau", "cosine", "step")
+SCHEDULERS = ("plateau", "cosine", "poly", "step")
 
 
 def build_optimizer(
@@ -56,6 +57,7 @@ def build_scheduler(
     steps_per_epoch: int,
     warmup_epochs: int = 0,
     min_lr: float = 0.0,
+    exponent: float = 0.9,
     factor: float = 0.5,
     plateau_patience: int = 5,
     step_size: int = 30,
@@ -63,16 +65,19 @@ def build_scheduler(
 ) -> Schedule:
     """plateau: lr *= factor after `plateau_patience` validations without improvement (never below min_lr).
     cosine: linear warmup over `warmup_epochs`, then cosine decay to `min_lr`, stepped per optimiser update
-    (`steps_per_epoch` from `updates_per_epoch`). step: lr *= gamma every `step_size` epochs.
+    (`steps_per_epoch` from `updates_per_epoch`). poly (nnU-Net): the same warmup, then
+    lr = min_lr + (lr - min_lr) * (1 - progress) ** exponent. step: lr *= gamma every `step_size` epochs.
     """
     if name == "plateau":
         plateau = ReduceLROnPlateau(optimizer, mode="max", factor=factor, patience=plateau_patience, min_lr=min_lr)
         return Schedule(plateau, "metric")
-    if name == "cosine":
+    if name in ("cosine", "poly"):
         total = max(1, epochs * steps_per_epoch)
         warmup = min(warmup_epochs * steps_per_epoch, total - 1)
+        shape = _cosine_shape if name == "cosine" else partial(_poly_shape, exponent=exponent)
         lambdas = [
-            _cosine_factor(group["lr"], min_lr=min_lr, warmup=warmup, total=total) for group in optimizer.param_groups
+            _warmup_decay_factor(group["lr"], min_lr=min_lr, warmup=warmup, total=total, shape=shape)
+            for group in optimizer.param_groups
         ]
         return Schedule(LambdaLR(optimizer, lambdas), "step")
     if name == "step":
@@ -80,14 +85,25 @@ def build_scheduler(
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
-def _cosine_factor(base_lr: float, *, min_lr: float, warmup: int, total: int):
-    """lr multiplier after `step` updates: (step+1)/(warmup+1) during warmup, then cosine to min_lr/base_lr."""
+def _cosine_shape(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _poly_shape(progress: float, *, exponent: float) -> float:
+    return (1.0 - progress) ** exponent
+
+
+def _warmup_decay_factor(
+    base_lr: float, *, min_lr: float, warmup: int, total: int, shape: Callable[[float], float]
+) -> Callable[[int], float]:
+    """lr multiplier after `step` updates: (step+1)/(warmup+1) during warmup, then `shape(progress)` (1 -> 0)
+    between 1 and min_lr/base_lr."""
     floor = min(1.0, min_lr / base_lr) if base_lr > 0 else 0.0
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * shape(progress)
 
     return factor

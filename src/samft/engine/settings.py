@@ -34,6 +34,7 @@ class TrainSettings:
     val_clicks: tuple[int, ...] = (1, 3, 5)
     ich_loss_weight: float = 0.0
     lesion_pos_weight: float = 1.0
+    batch_dice: bool = False
     oom_policy: str = "skip"
     max_consecutive_failures: int = 5
     max_steps_per_epoch: int | None = None

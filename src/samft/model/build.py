@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub
 import torch
@@ -14,10 +16,10 @@ from torch import nn
 from samft.errors import UserError
 from samft.model.decoder import MaskDecoder3D, TwoWayTransformer
 from samft.model.encoder import ImageEncoder3D
-from samft.model.heads import PresenceHead, RepresentationHead
+from samft.model.heads import PresenceHead, RefinementHead, RepresentationHead
 from samft.model.prompt_encoder import PromptEncoder3D
 from samft.model.sam3d import SamMed3D
-from samft.model.unet import UNetSegmenter
+from samft.model.unet import UNetSegmenter, UNetSpec
 
 RELEASED_CHECKPOINT_URL = "https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth"
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -66,8 +68,10 @@ REGISTRY: dict[str, SamMed3DSpec] = {
 }
 
 
-def build_sam(spec: SamMed3DSpec, *, visual_tokens: int = 256, gradient_checkpointing: bool = False) -> SamMed3D:
-    """A randomly initialised SamMed3D with the given hyperparameters."""
+def build_sam(
+    spec: SamMed3DSpec, *, visual_tokens: int = 256, gradient_checkpointing: bool = False, refine: bool = False
+) -> SamMed3D:
+    """A randomly initialised SamMed3D with the given hyperparameters (`refine`: add a `RefinementHead`)."""
     encoder = ImageEncoder3D(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -103,6 +107,7 @@ def build_sam(spec: SamMed3DSpec, *, visual_tokens: int = 256, gradient_checkpoi
         ),
         representation_head=representation_head,
         ich_head=PresenceHead(dim=visual_tokens),
+        refiner=RefinementHead() if refine else None,
     )
 
 
@@ -113,13 +118,19 @@ def build_model(
     gradient_checkpointing: bool = False,
     checkpoint: str | Path | None = None,
     freeze_encoder: bool = False,
-) -> SamMed3D:
-    """The registered model `name`, its weights loaded from `checkpoint` (path or Hugging Face URL)."""
+    refine: bool = False,
+    unet: UNetSpec | None = None,
+) -> SamMed3D | UNetSegmenter:
+    """The registered model `name`, its weights loaded from `checkpoint` (path or Hugging Face URL).
+
+    `refine`: SAM models get a full-resolution refinement head. `unet`: the U-Net's architecture (name="unet").
+    """
     if name == "unet":
-        return _build_unet(checkpoint=checkpoint, freeze_encoder=freeze_encoder)
+        return _build_unet(unet or UNetSpec(), checkpoint=checkpoint, freeze_encoder=freeze_encoder)
     if name not in REGISTRY:
         raise UserError(f"model.name={name!r} is not one of {sorted([*REGISTRY, 'unet'])}")
-    model = build_sam(REGISTRY[name], visual_tokens=visual_tokens, gradient_checkpointing=gradient_checkpointing)
+    model = build_sam(REGISTRY[name], visual_tokens=visual_tokens, gradient_checkpointing=gradient_checkpointing,
+                      refine=refine)
     if checkpoint is not None:
         load_weights(model, checkpoint, model_name=name)
     if freeze_encoder:
@@ -127,11 +138,28 @@ def build_model(
     return model
 
 
-def _build_unet(*, checkpoint: str | Path | None, freeze_encoder: bool) -> UNetSegmenter:
+def build_model_from_config(model: Mapping[str, Any], *, with_checkpoint: bool = True) -> SamMed3D | UNetSegmenter:
+    """The model of a `model` config section (a run's resolved config, or the DictConfig); `with_checkpoint=False`
+    skips `model.checkpoint` (the weights come from a run's own checkpoint instead)."""
+    unet = model.get("unet") or {}
+    spec = UNetSpec(**{
+        **unet, "channels": tuple(unet.get("channels", UNetSpec.channels)),
+        "strides": tuple(tuple(s) if isinstance(s, Sequence) else s for s in unet.get("strides", UNetSpec.strides)),
+    })
+    return build_model(
+        name=model["name"], visual_tokens=model.get("visual_tokens", 256),
+        gradient_checkpointing=model.get("gradient_checkpointing", False),
+        checkpoint=model.get("checkpoint") if with_checkpoint else None,
+        freeze_encoder=model.get("freeze_encoder", False) if with_checkpoint else False,
+        refine=model.get("refine", False), unet=spec,
+    )
+
+
+def _build_unet(spec: UNetSpec, *, checkpoint: str | Path | None, freeze_encoder: bool) -> UNetSegmenter:
     """The MONAI U-Net baseline (trained from scratch; it has no pretrained encoder to freeze)."""
     if freeze_encoder:
         raise UserError("model=unet has no pretrained encoder to freeze; set model.freeze_encoder=false")
-    model = UNetSegmenter()
+    model = UNetSegmenter(spec)
     if checkpoint is not None:
         load_weights(model, checkpoint, model_name="unet")
     return model

@@ -10,7 +10,7 @@ from torch import nn
 
 from samft.model.decoder import MaskDecoder3D
 from samft.model.encoder import ImageEncoder3D
-from samft.model.heads import PresenceHead, RepresentationHead
+from samft.model.heads import PresenceHead, RefinementHead, RepresentationHead
 from samft.model.prompt_encoder import PromptEncoder3D
 from samft.model.prompts import NO_CLICK, correction_click, first_click
 
@@ -32,7 +32,16 @@ class SegmentOutput:
 
 
 class SamMed3D(nn.Module):
-    """Image encoder + prompt encoder + mask decoder (the released state-dict layout) + our two heads."""
+    """Image encoder + prompt encoder + mask decoder (the released state-dict layout) + our heads.
+
+    `refiner` (optional) turns the decoder's S/4 logits into full-resolution ones (`RefinementHead`); without it
+    the S/4 logits are upsampled trilinearly, as in the official model.
+    """
+
+    takes_clicks = True
+    exports_encoder = True
+    # parameters without a gradient in some steps (extra mask tokens, IoU head, unused prompt embeddings)
+    has_unused_parameters = True
 
     def __init__(
         self,
@@ -42,6 +51,7 @@ class SamMed3D(nn.Module):
         mask_decoder: MaskDecoder3D,
         representation_head: RepresentationHead,
         ich_head: PresenceHead,
+        refiner: RefinementHead | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -49,6 +59,7 @@ class SamMed3D(nn.Module):
         self.mask_decoder = mask_decoder
         self.representation_head = representation_head
         self.ich_head = ich_head
+        self.refiner = refiner
         self.img_size = image_encoder.img_size
         self.encoder_frozen = False
 
@@ -127,18 +138,31 @@ class SamMed3D(nn.Module):
             raise ValueError(f"num_clicks > 0 needs target of the image's shape {tuple(image.shape)}, got {got}")
         features = self.encode(image)
         if num_clicks == 0:
-            logits = [self._upsample(self.decode(features))]
+            logits = [self.full_resolution(self.decode(features), image)]
         else:
-            logits = self._click_rounds(features, target, num_clicks=num_clicks, generator=generator)
-        unprompted = self._upsample(self.decode(features)) if prompt_free and num_clicks > 0 else None
+            logits = self._click_rounds(features, image, target, num_clicks=num_clicks, generator=generator)
+        unprompted = self.full_resolution(self.decode(features), image) if prompt_free and num_clicks > 0 else None
         return SegmentOutput(logits=logits, ich_logit=self.ich_logit(features), features=features,
                              prompt_free=unprompted)
 
     # Wrappers call the module itself (DistributedDataParallel schedules its all-reduce through forward).
     forward = segment
 
+    def segment_points(self, image: torch.Tensor, *, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Full-resolution logits B x 1 x S x S x S for image B x 1 x S x S x S and given clicks (coords B x N x 3
+        in voxel indices, labels B x N: 1 positive, 0 negative)."""
+        return self.full_resolution(self.decode(self.encode(image), points=(coords, labels)), image)
+
+    def full_resolution(self, low_res: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Decoder logits B x 1 x S/4 x S/4 x S/4 -> B x 1 x S x S x S (upsampled, then refined if there is a
+        refinement head)."""
+        if self.refiner is not None:
+            return self.refiner(image, low_res)
+        return F.interpolate(low_res, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
+
     def _click_rounds(
-        self, features: torch.Tensor, target: torch.Tensor, *, num_clicks: int, generator: torch.Generator | None
+        self, features: torch.Tensor, image: torch.Tensor, target: torch.Tensor, *, num_clicks: int,
+        generator: torch.Generator | None,
     ) -> list[torch.Tensor]:
         batch = features.shape[0]
         coords = features.new_zeros(batch, 0, 3, dtype=torch.float32)
@@ -152,7 +176,7 @@ class SamMed3D(nn.Module):
             coords = torch.cat([coords, new_coords[:, None]], dim=1)
             labels = torch.cat([labels, new_labels[:, None]], dim=1)
             low_res = self._decode_clicks(features, coords, labels, mask_prompt)
-            logits.append(self._upsample(low_res))
+            logits.append(self.full_resolution(low_res, image))
             mask_prompt = low_res.detach()
         return logits
 
@@ -180,9 +204,6 @@ class SamMed3D(nn.Module):
                 return low_res
             out = out.index_put((rows,), low_res)
         return out
-
-    def _upsample(self, low_res: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(low_res, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
 
     def _check_decode_inputs(
         self,

@@ -1,6 +1,8 @@
-"""The baseline an ICH researcher tries first: MONAI's UNet, as in its 3D segmentation tutorials, behind `segment`."""
+"""The baseline an ICH researcher tries first: MONAI's UNet behind `segment`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from monai.networks.nets import UNet
@@ -9,18 +11,34 @@ from torch import nn
 from samft.model.sam3d import SegmentOutput
 
 
-class UNetSegmenter(nn.Module):
-    """MONAI UNet (channels 16-32-64-128-256, stride 2, two residual units, batch norm: MONAI's spleen tutorial),
-    prompt-free: `segment` ignores clicks and `prompt_free`.
+@dataclass(frozen=True)
+class UNetSpec:
+    """MONAI UNet settings: `channels` per level, `strides` between levels (one int or three per axis, so thick
+    slices can keep their axis, as nnU-Net's anisotropic plans do), residual units per block, `norm`. Each patch
+    side must be a multiple of the product of the strides on its axis (`samft.config.unet_divisor`)."""
 
-    image B x 1 x S x S x S (S a multiple of 16) -> one round of logits B x 1 x S x S x S; no ICH head.
-    MONAI's BasicUNet costs 11x the CPU time per step at 128^3 and was too slow to compare at a CPU budget.
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[tuple[int, int, int], ...] = ((2, 2, 1), (2, 2, 2), (2, 2, 2))
+    num_res_units: int = 0
+    norm: str = "instance"
+
+
+class UNetSegmenter(nn.Module):
+    """MONAI UNet, prompt-free: `segment` ignores clicks and `prompt_free`.
+
+    image B x 1 x D x H x W (each side a multiple of the strides' product on its axis) -> one round of logits
+    B x 1 x D x H x W; no ICH head and no encoder to export.
     """
 
-    def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> None:
+    takes_clicks = False
+    exports_encoder = False
+    has_unused_parameters = False
+
+    def __init__(self, spec: UNetSpec | None = None) -> None:
         super().__init__()
-        self.net = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=channels,
-                        strides=(2,) * (len(channels) - 1), num_res_units=2, norm="batch")
+        self.spec = spec or UNetSpec()
+        self.net = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=self.spec.channels,
+                        strides=self.spec.strides, num_res_units=self.spec.num_res_units, norm=self.spec.norm)
 
     def segment(
         self,

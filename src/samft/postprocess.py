@@ -1,0 +1,51 @@
+"""Post-processing decided on the validation split, as nnU-Net decides its own: drop predicted connected
+components smaller than a volume, when that raises the validation Dice. The choice is stored with the run
+(`postprocessing.json` beside the checkpoints) and applied by `samft.predict` and `samft.evaluate`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+FILE = "postprocessing.json"
+CANDIDATES_ML = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def remove_small_components(mask: np.ndarray, affine: np.ndarray, *, min_ml: float) -> np.ndarray:
+    """mask X x Y x Z {0,1} on a grid with `affine` (mm) -> the same without 26-connected components under
+    `min_ml` millilitres (unchanged for min_ml <= 0)."""
+    if min_ml <= 0 or not mask.any():
+        return mask
+    voxel_ml = float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
+    labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
+    keep = sizes >= min_ml
+    keep[0] = False
+    return keep[labels].astype(mask.dtype)
+
+
+def choose(dice_by_candidate: Mapping[float, Sequence[float]]) -> dict[str, Any]:
+    """The smallest-volume candidate with the best mean Dice over all validation scans (a scan without a lesion
+    scores 1 when nothing is predicted, else 0), kept only if it beats no post-processing."""
+    means = {float(c): float(np.mean(v)) for c, v in dice_by_candidate.items() if len(v)}
+    best = max(sorted(means), key=lambda c: (means[c], -c))
+    chosen = best if means[best] > means.get(0.0, -1.0) else 0.0
+    return {"min_component_ml": chosen, "mean_dice_by_min_component_ml": {str(c): m for c, m in means.items()},
+            "n_scans": len(next(iter(dice_by_candidate.values())))}
+
+
+def save(run_dir: Path, decision: Mapping[str, Any]) -> None:
+    tmp = run_dir / f".{FILE}.tmp"
+    tmp.write_text(json.dumps(dict(decision), indent=2) + "\n")
+    tmp.replace(run_dir / FILE)
+
+
+def load_min_component_ml(run_dir: Path) -> float:
+    """The run's choice, or 0 (none) for a run without `postprocessing.json`."""
+    path = run_dir / FILE
+    return float(json.loads(path.read_text())["min_component_ml"]) if path.exists() else 0.0

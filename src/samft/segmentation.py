@@ -1,0 +1,93 @@
+"""Segment one whole preprocessed scan: the single inference path of validation and `samft.predict`.
+
+It depends only on the model and MONAI. Reading files, checkpoints and the choice of scans stay with the callers
+(`samft.inference.Predictor`, `samft.engine.validation`), so "validation Dice equals evaluate's Dice" holds by
+construction: both call `scan_logits` and `to_scan_grid`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, Invertd
+from monai.utils import TraceKeys
+
+OUTSIDE_LOGIT = -20.0
+"""Logit given to voxels outside the click window (probability about 2e-9)."""
+
+
+@torch.no_grad()
+def scan_logits(
+    model: torch.nn.Module,
+    volume: torch.Tensor,
+    *,
+    roi_size: Sequence[int],
+    overlap: float,
+    air: float,
+    sw_batch_size: int = 1,
+    clicks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits 1 x 1 x X x Y x Z for a preprocessed volume 1 x 1 x X x Y x Z on the model's device.
+
+    clicks None: prompt-free, Gaussian-weighted sliding windows of `roi_size` with `overlap` (air outside the
+    volume). clicks N x 4 (`[x, y, z, label]`, voxel indices of `volume`, label 1 inside the lesion, 0 outside):
+    one window centred on the positive clicks, decoded with them; voxels outside it get `OUTSIDE_LOGIT`.
+    """
+    roi = tuple(int(r) for r in roi_size)
+    if clicks is None:
+        return sliding_window_inference(
+            volume, roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", cval=air,
+            predictor=lambda window: model.segment(window, num_clicks=0).logits[-1].float(),
+        )
+    return _click_window_logits(model, volume, clicks, roi=roi, air=air)
+
+
+def _click_window_logits(
+    model: torch.nn.Module, volume: torch.Tensor, clicks: torch.Tensor, *, roi: tuple[int, int, int], air: float
+) -> torch.Tensor:
+    roi_t = torch.tensor(roi)
+    shape = torch.tensor(volume.shape[2:])
+    padded_shape = torch.maximum(shape, roi_t)
+    canvas = volume.new_full((1, 1, *padded_shape.tolist()), air)
+    canvas[(..., *[slice(0, s) for s in shape.tolist()])] = volume
+    positives = clicks[clicks[:, 3] == 1][:, :3]
+    centre = (positives if len(positives) else clicks[:, :3]).mean(0)
+    start = (centre - roi_t / 2).round().long().clamp(min=0)
+    start = torch.minimum(start, padded_shape - roi_t)
+    window_slices = (..., *[slice(int(a), int(a) + r) for a, r in zip(start, roi)])
+    coords = (clicks[:, :3] - start).unsqueeze(0).to(volume.device, torch.float32)
+    labels = clicks[:, 3].long().unsqueeze(0).to(volume.device)
+    window_logits = model.segment_points(canvas[window_slices], coords=coords, labels=labels).float()
+    logits = volume.new_full((1, 1, *padded_shape.tolist()), OUTSIDE_LOGIT)
+    logits[window_slices] = window_logits
+    return logits[(..., *[slice(0, s) for s in shape.tolist()])]
+
+
+def to_scan_grid(probabilities: torch.Tensor, image: MetaTensor, transform: Compose) -> np.ndarray:
+    """Probabilities 1 x X x Y x Z on the preprocessed grid of `image` (the output of a pipeline equal to
+    `transform`, holding its applied operations) -> an X0 x Y0 x Z0 array on the scan's own grid, in [0, 1]
+    (linear interpolation)."""
+    # MONAI inverts only with the transform instance that ran; a sample read back from the disk cache was made by
+    # another process's instance of the same pipeline, so the instance check is switched off (TraceKeys.NONE).
+    operations = [{**op, TraceKeys.ID: TraceKeys.NONE} for op in image.applied_operations]
+    image = MetaTensor(image.as_tensor(), meta=image.meta, applied_operations=operations)
+    data = {
+        "image": image,
+        "pred": MetaTensor(probabilities.detach().float().cpu(), meta=image.meta, applied_operations=operations),
+    }
+    inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(data)
+    return inverted["pred"][0].numpy().clip(0.0, 1.0)
+
+
+def clicks_to_grid(points: Sequence[Sequence[float]], image: MetaTensor) -> torch.Tensor:
+    """Clicks `[x, y, z, label]` in voxel indices of the original scan -> N x 4 on `image`'s preprocessed grid."""
+    array = torch.as_tensor(points, dtype=torch.float64)
+    original = torch.as_tensor(np.asarray(image.meta["original_affine"]), dtype=torch.float64)
+    current = torch.as_tensor(np.asarray(image.affine), dtype=torch.float64)
+    homogeneous = torch.cat([array[:, :3], torch.ones(len(array), 1, dtype=torch.float64)], dim=1)
+    grid = (torch.linalg.inv(current) @ original @ homogeneous.T).T[:, :3]
+    return torch.cat([grid, array[:, 3:]], dim=1)

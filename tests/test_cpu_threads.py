@@ -1,0 +1,43 @@
+"""hardware.cpu_threads: chosen from the usable CPUs and the loader workers, applied before the model is built."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from samft.devices import set_cpu_threads
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("cpus", "workers", "processes", "expected"), [
+    (2, 1, 1, 1),   # the 2-core case: one thread beside one loader worker
+    (2, 0, 1, 2),
+    (16, 3, 1, 13),
+    (16, 1, 4, 3),  # four ranks share the node
+    (1, 4, 1, 1),   # never below one
+])
+def test_default_threads_leave_a_core_per_loader_worker(cpus: int, workers: int, processes: int,
+                                                        expected: int) -> None:
+    assert set_cpu_threads(None, usable_cpus=cpus, num_workers=workers, processes=processes) == expected
+    assert torch.get_num_threads() == expected
+
+
+def test_an_explicit_count_wins() -> None:
+    assert set_cpu_threads(3, usable_cpus=2, num_workers=1) == 3 and torch.get_num_threads() == 3
+
+
+def test_inter_op_threads_are_set_in_a_fresh_process() -> None:
+    code = ("import torch; from samft.devices import set_cpu_threads; "
+            "set_cpu_threads(None, usable_cpus=5, num_workers=2); "
+            "print(torch.get_num_threads(), torch.get_num_interop_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["3", "3"]
