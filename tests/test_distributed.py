@@ -82,7 +82,7 @@ def build_trainer(
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     steps = -(-len(train) // train_settings.grad_accum_steps)
     schedule = build_scheduler("step", opt, epochs=train_settings.epochs, steps_per_epoch=steps, step_size=100)
-    unused = model_cls is not TinySegmenter
+    unused = model_cls in (WithUnusedHead, SometimesUsed)
     wrapped = distributed.wrap_model(model, device=torch.device("cpu"), find_unused_parameters=unused)
     return Trainer(model=wrapped, optimizer=opt, scheduler=schedule, train_loader=train, val_loader=val,
                    settings=train_settings, run_dir=run_dir, resolved_config={"seed": 0}, **trainer_kw)
@@ -223,6 +223,56 @@ def test_a_user_error_on_rank0_ends_the_waiting_rank_and_reaches_the_parent_as_i
         distributed.spawn(_train_spawned, args=(config, str(tmp_path / "run")), nprocs=WORLD, backend="gloo",
                           timeout_min=1)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+class WithBuffer(TinySegmenter):
+    """The stand-in plus a buffer in the forward, like SAM's positional-encoding matrix: DDP broadcasts buffers
+    from rank 0 before a forward that follows a synchronising one (broadcast_buffers, on by default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("image_scale", torch.ones(()))
+
+    def segment(self, image: torch.Tensor, **kwargs: Any):
+        return super().segment(image * self.image_scale, **kwargs)
+
+
+OOM = {"settings": {"epochs": 1, "grad_accum_steps": 2}, "batch": 2, "n_train": 24}  # 3 windows of 2 per rank
+
+
+def oom_body(out: str) -> int:
+    """Rank 1 runs out of memory in the forward of window 2's first micro-step; rank 0 does not."""
+    rank = distributed.rank()
+    trainer = build_trainer(Path(out) / f"oom_{rank}", settings_kw=OOM["settings"], batch=OOM["batch"], world=WORLD,
+                            n_train=OOM["n_train"], model_cls=WithBuffer)
+    model = unwrap(trainer.model)
+    segment, calls = model.segment, {"n": 0}
+
+    def segment_oom(image: torch.Tensor, **kwargs: Any):
+        if model.training:
+            calls["n"] += 1
+            if rank == 1 and calls["n"] == 3:
+                raise torch.OutOfMemoryError("injected")
+        return segment(image, **kwargs)
+
+    model.segment = segment_oom
+    summary = trainer.fit()
+    torch.save({"params": params(model), "summary": summary}, Path(out) / f"oom_rank{rank}.pt")
+    return rank
+
+
+@pytest.mark.slow
+def test_an_oom_in_one_ranks_forward_skips_the_window_on_both_and_they_stay_in_step(tmp_path: Path) -> None:
+    """The OOM leaves DDP's buffer-sync flag of rank 1 as the previous window set it: without a reset, rank 1
+    broadcasts buffers before window 3 while rank 0 waits in another collective (a hang or a crash on NCCL)."""
+    assert distributed.spawn(oom_body, args=(str(tmp_path),), nprocs=WORLD, backend="gloo", timeout_min=0.5) == 0
+    ranks = [result(tmp_path, "oom", rank) for rank in range(WORLD)]
+    for got in ranks:
+        assert got["summary"]["global_step"] == 2 and got["summary"]["events"]["skipped_steps"] == 1
+    assert ranks[1]["summary"]["events"]["oom"] == 1
+    assert_params_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)
+    torch.manual_seed(0)
+    assert not torch.equal(params(WithBuffer())["decoder.weight"], ranks[0]["params"]["decoder.weight"])
 
 
 def test_backend_choice() -> None:

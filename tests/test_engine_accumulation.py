@@ -49,7 +49,11 @@ def test_accumulated_update_equals_large_batch_update(
 def test_prompt_free_mode_accumulates_exactly_too(tmp_path: Path) -> None:
     accumulated = _train(tmp_path, "a", batch_size=1, accum=2, n_train=2, prompt_mode="auto", val_clicks=(1,))
     single = _train(tmp_path, "s", batch_size=2, accum=1, n_train=2, prompt_mode="auto", val_clicks=(1,))
+    assert accumulated["steps"] == single["steps"] == 1
     assert_params_close(accumulated["params"], single["params"], **TOL)
+    torch.manual_seed(0)
+    initial = params(TinySegmenter())
+    assert not torch.equal(initial["decoder.weight"], single["params"]["decoder.weight"])  # an update happened
 
 
 def test_ddp_syncs_only_on_the_last_micro_step_and_saves_unprefixed_keys(tmp_path: Path) -> None:

@@ -55,8 +55,11 @@ def test_both_prompt_mode_trains_the_prompt_free_round_and_reports_it(tmp_path: 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, n_train=4, train_settings=settings(epochs=1, precision="bf16"))
+    dtypes: list[torch.dtype] = []
+    trainer.model.decoder.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     summary = trainer.fit()
     assert summary["global_step"] == 2 and summary["events"]["nonfinite_loss"] == 0
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # every training and validation forward ran under autocast
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters())
 
 

@@ -135,13 +135,18 @@ def test_a_run_stopped_before_its_first_validation_is_not_an_error(tmp_path: Pat
 def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, tmp_path: Path) -> None:
     run_dir, _ = smoke_run
     before = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]
+    steps = json.loads((run_dir / "summary.json").read_text())["global_step"]
     proc = run_module("samft.train", "experiment=smoke", f"hydra.run.dir={run_dir}", "epochs=2",
                       f"data.demo_dir={run_dir.parent / 'demo'}", cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
-    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["global_step"] == steps
+    # CPU training is deterministic, so equal weights alone would also follow from training again from scratch
+    output = proc.stdout + proc.stderr
+    assert "resumed from" in output and "epoch 1/2" not in output and "epoch 2/2" not in output, output[-3000:]
 
 
 def test_unet_baseline_trains_through_the_same_framework_and_predicts(tmp_path: Path) -> None:

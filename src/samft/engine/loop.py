@@ -276,6 +276,11 @@ class Trainer:
             result = self._micro_step(batch, weight, sync=not pending)
             if isinstance(result, Failure):
                 free_memory(self.device)
+                if isinstance(self.model, DistributedDataParallel):
+                    # A forward that raised left DDP's "broadcast buffers before the next forward" flag as the
+                    # previous forward set it, on the failing rank only: unless all agree, that rank's broadcast
+                    # meets the others' all-reduce (a hang on NCCL). True is what a completed window leaves.
+                    self.model.require_forward_param_sync = True
                 if result.kind != PEER_FAILURE:
                     self.events[result.kind] += 1
                 if result.splittable and self.settings.oom_policy == "halve" and batch_size(batch) > 1:
