@@ -70,7 +70,9 @@ class TinySegmenter(nn.Module):
             error = (target[b, 0] > 0.5) ^ (previous[b, 0] > 0.5)
             voxels = error.nonzero()
             if len(voxels):
-                i = int(torch.randint(len(voxels), (1,), generator=generator))
+                # drawn on the generator's device: the Trainer's click generator lives on settings.device
+                device = generator.device if generator is not None else target.device
+                i = int(torch.randint(len(voxels), (1,), generator=generator, device=device))
                 x, y, z = voxels[i].tolist()
                 click[b, 0, x, y, z] = 1.0 if target[b, 0, x, y, z] > 0.5 else -1.0
         return click

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import shutil
@@ -13,6 +15,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from samft.errors import UserError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "samft-checkpoint-1"
 LATEST = "latest_model.pth"
@@ -86,16 +90,39 @@ def capture_rng(click_generator: torch.Generator) -> dict[str, Any]:
     }
 
 
-def restore_rng(state: dict[str, Any], click_generator: torch.Generator) -> None:
-    """Inverse of `capture_rng`."""
+def restore_rng(state: dict[str, Any], click_generator: torch.Generator) -> bool:
+    """Inverse of `capture_rng`; returns whether the restore was exact.
+
+    A state saved on other hardware is restored as far as it fits, so a run resumes on fewer or more GPUs, or
+    moves between CPU and CUDA, at the cost of bit-exactness (a warning says so): the first min(saved, visible)
+    CUDA generators take the saved states (the rest keep their seeds), and a click-generator state of the other
+    kind (CPU Mersenne Twister vs CUDA Philox) re-seeds the generator from a hash of that state, so resuming the
+    same checkpoint on the same hardware twice still draws the same clicks.
+    """
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    click_generator.set_state(state["clicks"])
+    exact = True
+    saved_cuda = list(state["cuda"])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(saved_cuda[:visible]):
+        torch.cuda.set_rng_state(cuda_state, device=index)
+    if len(saved_cuda) != visible:
+        exact = False
+        log.warning("random state saved with %d CUDA device(s), %d visible now: the resumed run is not bit-exact",
+                    len(saved_cuda), visible)
+    clicks = state["clicks"]
+    if clicks.numel() == click_generator.get_state().numel():
+        click_generator.set_state(clicks)
+    else:
+        exact = False
+        digest = hashlib.sha256(clicks.numpy().tobytes()).digest()
+        click_generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        log.warning("click-generator state saved on another kind of device than %s: re-seeded from it; the resumed "
+                    "run is not bit-exact", click_generator.device.type)
+    return exact
 
 
 def _fsync_dir(folder: Path) -> None:
