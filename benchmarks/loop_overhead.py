@@ -90,6 +90,11 @@ def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
     return build_optimizer(groups, lr=LR, weight_decay=WEIGHT_DECAY)
 
 
+def loss_on(device: torch.device) -> SegmentationLoss:
+    """The bare loops' loss, with its BCE pos_weight on `device` (as the Trainer moves its own)."""
+    return SegmentationLoss(ich_weight=ICH_WEIGHT).to(device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,7 +120,7 @@ def compare(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, dict[str
                       settings=settings, run_dir=run_dir,
                       scheduler=build_scheduler("plateau", optimizers["samft"], epochs=settings.epochs,
                                                 steps_per_epoch=1))
-    loss_fn = SegmentationLoss(ich_weight=ICH_WEIGHT)
+    loss_fn = loss_on(device)
     clicks = {name: torch.Generator(device=device).manual_seed(0) for name in ("bare", "control")}
     progress = Progress(epochs=settings.epochs, done=0, enabled=False)
     interrupt = GracefulInterrupt()  # not entered: never requested

@@ -31,3 +31,31 @@ def seed_loader(loader: DataLoader, *, seed: int, epoch: int) -> bool:
     for generator in unique.values():
         generator.manual_seed(derive_seed(seed, epoch, LOADER_STREAM))
     return bool(unique)
+
+
+# What a seeded run repeats, by device, as written into summary.json (`determinism`) and stated in the README.
+_CPU = ("bit-exact: a re-run with the same seed, config, data, thread count and torch build gives the same weights "
+        "and metrics")
+_CUDA_DETERMINISTIC = (
+    "same data order, augmentation and clicks; deterministic kernels where CUDA has them, but "
+    "use_deterministic_algorithms runs with warn_only=True, so the ops without one (trilinear upsampling backward, "
+    "memory-efficient and flash attention backward, atomic index_add/scatter_add) still run and weights and "
+    "metrics may differ in the last bits between runs, growing over epochs; never bit-exact across GPU models, "
+    "GPU counts, driver or torch versions"
+)
+_CUDA_FREE = ("same data order, augmentation and clicks; kernels are not deterministic (hardware.deterministic=false: "
+              "cuDNN autotuning and atomics), so weights and metrics differ between runs")
+
+
+def guarantee(device: torch.device) -> dict[str, object]:
+    """What repeats when this process's run is started again with the same seed, for summary.json."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    text = _CPU
+    if device.type == "cuda":
+        text = _CUDA_DETERMINISTIC if deterministic else _CUDA_FREE
+    return {
+        "device": device.type,
+        "deterministic_algorithms": deterministic,
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "guarantee": text,
+    }

@@ -32,7 +32,7 @@ from samft.engine.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from samft.engine.determinism import VALIDATION_STREAM, derive_seed, seed_loader
+from samft.engine.determinism import VALIDATION_STREAM, derive_seed, guarantee, seed_loader
 from samft.engine.faults import EVENT_KINDS, PEER_FAILURE, Failure, free_memory
 from samft.engine.interrupts import GracefulInterrupt
 from samft.engine.loggers import NoneLogger, RunLogger
@@ -562,6 +562,7 @@ class Trainer:
             "stop_reason": stop_reason,
             "wall_time_s": self._elapsed(),
             "peak_memory_mb": peak_memory_mb(self.device, self.history),
+            "determinism": guarantee(self.device),
             "events": dict(self.events),
             "history": self.history,
         }

@@ -1,0 +1,79 @@
+"""The GPU code paths that a CPU can check: what `deterministic` promises per device, the torch floor the code
+needs, benchmark tensors on the benchmark's device, and the DDP smoke runs kept on gloo where a GPU is visible."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_benchmarks_smoke import load
+from test_distributed import SMOKE_DDP
+from test_engine_standin import make_trainer, settings
+
+from samft import distributed
+from samft.devices import resolve_device
+from samft.engine.determinism import guarantee
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.match(r"\d+(\.\d+)*", text).group(0).split("."))
+
+
+def test_summary_states_what_a_seeded_run_repeats_on_its_device(tmp_path: Path) -> None:
+    summary = make_trainer(tmp_path, n_train=2, train_settings=settings(epochs=1)).fit()
+    assert summary["determinism"]["device"] == "cpu" and summary["determinism"]["guarantee"].startswith("bit-exact")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_on_cuda_deterministic_true_is_not_promised_bit_exact(deterministic: bool) -> None:
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)  # as seed_everything sets it
+        stated = guarantee(torch.device("cuda"))
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert stated["deterministic_algorithms"] is deterministic and stated["warn_only"] is True
+    assert "bit-exact" not in stated["guarantee"] or "never bit-exact" in stated["guarantee"]
+    if deterministic:
+        assert "trilinear upsampling backward" in stated["guarantee"] and "attention backward" in stated["guarantee"]
+    else:
+        assert "differ between runs" in stated["guarantee"]
+
+
+# The newest torch API the code calls, with the release that added it; the declared floor must cover them all.
+TORCH_APIS = {
+    ("src/samft/engine/loop.py", "torch.OutOfMemoryError"): "2.5",
+    ("src/samft/data/datamodule.py", "torch.serialization.safe_globals"): "2.5",
+    ("src/samft/engine/precision.py", "torch.amp.GradScaler(device.type"): "2.3",
+}
+
+
+def test_the_declared_torch_floor_covers_the_apis_the_code_calls() -> None:
+    """CI installs one torch (the newest the lock allows): a second, old torch wheel (~800 MB from PyPI, CUDA
+    build) does not fit its time budget, so the floor is checked against the APIs' first releases instead."""
+    [torch_spec] = re.findall(r'^\s*"(torch>=[\d.]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    floor = _version(torch_spec.split(">=", 1)[1])
+    for (path, api), added in TORCH_APIS.items():
+        assert api in (REPO / path).read_text(), f"{path} no longer calls {api}: update TORCH_APIS"
+        assert floor >= _version(added), f"{api} needs torch>={added}, pyproject declares {torch_spec}"
+
+
+def test_loop_overhead_puts_its_loss_weights_on_the_benchmark_device() -> None:
+    buffers = list(load("loop_overhead").loss_on(torch.device("meta")).buffers())
+    assert buffers and all(b.device.type == "meta" for b in buffers)  # the BCE pos_weight among them
+
+
+def test_the_ddp_smoke_runs_use_gloo_even_where_a_gpu_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a one-GPU machine `auto` would pick CUDA, hence NCCL, which refuses two ranks on one GPU."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(SMOKE_DDP))
+    assert cfg.hardware.distributed and cfg.hardware.nproc_per_node == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    device = resolve_device(cfg.hardware.device, key="hardware.device")
+    assert distributed.backend_for(cfg.hardware.backend, device.type) == "gloo"
