@@ -9,19 +9,37 @@ not taken for blood. Score it with `python -m samft.evaluate pred_dir=<output> .
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from samft.cli import exit_on_user_error, run_entry
+from samft.config import validate_tool
 from samft.errors import UserError
+from samft.predict import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES, checked_entry
 
 if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger("samft.baseline")
+
+
+@dataclass
+class BaselineConfig:
+    """`conf/baseline.yaml`'s keys (see there)."""
+
+    input: str = MISSING
+    output: str = MISSING
+    hu_min: float = 55.0
+    hu_max: float = 100.0
+    min_component_ml: float = 0.1
+    bone_hu: float = 300.0
+    erode_mm: float = 3.0
+    nonfinite: str = "refuse"
+    max_voxels: int = DEFAULT_MAX_VOXELS
 
 
 def axial_axis(affine: np.ndarray) -> int:
@@ -84,28 +102,42 @@ def run_baseline(cfg: DictConfig) -> list[str]:
     """Write one mask per input scan in samft.predict's naming; returns one failure line per unreadable scan."""
     from samft.predict import plan_jobs
 
+    cfg = validate_tool(cfg, BaselineConfig, tool="baseline", choices={"nonfinite": NONFINITE_POLICIES},
+                        ranges={"max_voxels": (1, None, False)})
     check_settings(cfg)
     jobs = plan_jobs(source=Path(cfg.input), output=Path(cfg.output), points_file=None, probabilities=False)
 
     import nibabel as nib  # after the checks above: a mistyped input fails before torch and MONAI load
+    import numpy as np
     from tqdm import tqdm
 
     from samft.data.readers import read_volume
+    from samft.inference import declared_geometry, finite_voxels
+    from samft.predict import write_atomically
 
     failures, without_geometry = [], []
     for job in tqdm(jobs, desc="baseline", unit="scan"):
         try:
+            declared = declared_geometry(job.image)
+            voxels = int(np.prod(declared[0])) if declared is not None else 0
+            if voxels > cfg.max_voxels:  # before the voxels are read: a small .nii.gz may decompress to many GB
+                raise UserError(f"{voxels:,} voxels exceed max_voxels={cfg.max_voxels:,}; check the file, or "
+                                "raise max_voxels if it is real")
             volume = read_volume(job.image)
+            hu = finite_voxels(volume.array, job.image, policy=cfg.nonfinite)
+            mask = threshold_mask(hu, volume.affine, hu_min=cfg.hu_min, hu_max=cfg.hu_max,
+                                  min_component_ml=cfg.min_component_ml, bone_hu=cfg.bone_hu, erode_mm=cfg.erode_mm)
+            write_atomically(job.mask_out, lambda tmp, m=mask, a=volume.affine: nib.save(nib.Nifti1Image(m, a), tmp))
         except UserError as err:
             failures.append(f"{job.image}: {err}")
             log.error("%s: %s", job.image, err)
             continue
+        except OSError as err:
+            failures.append(f"{job.image}: cannot write {job.mask_out} ({err.strerror or err})")
+            log.error("%s: cannot write %s (%s)", job.image, job.mask_out, err)
+            continue
         if not volume.has_geometry:
             without_geometry.append(job.image.name)
-        mask = threshold_mask(volume.array, volume.affine, hu_min=cfg.hu_min, hu_max=cfg.hu_max,
-                              min_component_ml=cfg.min_component_ml, bone_hu=cfg.bone_hu, erode_mm=cfg.erode_mm)
-        job.mask_out.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(mask, volume.affine), job.mask_out)
         log.info("%s -> %s", job.image, job.mask_out)
     if without_geometry:
         log.warning("%d scan(s) carry no spacing (bare .pkl arrays, e.g. %s): 1 mm voxels assumed for erode_mm "
@@ -125,7 +157,7 @@ def _baseline_all(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_entry(_hydra_baseline)
+    run_entry(checked_entry(_hydra_baseline, BaselineConfig, tool="baseline"))
 
 
 if __name__ == "__main__":

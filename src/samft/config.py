@@ -6,7 +6,9 @@ Importing this module must stay cheap (no torch, no MONAI): `--help` and `--cfg 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,12 +230,13 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "max_steps_per_epoch": (1, None, False),
     "stop_after_epoch": (1, None, False),
     "max_consecutive_failures": (1, None, False),
+    "seed": (0, 2**32 - 1, False),
 }
 
 
-def schema_keys(section: str) -> list[str]:
-    """The keys a config section accepts ('' for the top level), for error messages."""
-    node: Any = TrainConfig
+def schema_keys(section: str, schema: type = TrainConfig) -> list[str]:
+    """The keys a config section of `schema` accepts ('' for the top level), for error messages."""
+    node: Any = schema
     for part in filter(None, section.split(".")):
         node = {f.name: f for f in dataclasses.fields(node)}[part].default_factory
     return sorted(f.name for f in dataclasses.fields(node))
@@ -257,6 +260,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         typed = OmegaConf.merge(schema, plain)
     except OmegaConfBaseException as err:
         raise UserError(_describe_omegaconf_error(err)) from None
+    _check_finite(typed)
     _check_choices(typed)
     _check_ranges(typed)
     _check_model(typed)
@@ -265,18 +269,19 @@ def validate(cfg: DictConfig) -> DictConfig:
     return typed
 
 
-def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+def _describe_omegaconf_error(err: OmegaConfBaseException, schema: type = TrainConfig) -> str:
     key = getattr(err, "full_key", None) or "?"
     message = str(err).splitlines()[0]
     if "not in struct" in message or "Key '" in message and "not" in message:
         parent = key.rpartition(".")[0]
-        return f"unknown config key '{key}'; keys under '{parent or '<top level>'}': {', '.join(schema_keys(parent))}"
-    expected = _expected_type(key)
+        known = ", ".join(schema_keys(parent, schema))
+        return f"unknown config key '{key}'; keys under '{parent or '<top level>'}': {known}"
+    expected = _expected_type(key, schema)
     return f"config key '{key}': {message}" + (f" (expected {expected})" if expected else "")
 
 
-def _expected_type(key: str) -> str | None:
-    node: Any = TrainConfig
+def _expected_type(key: str, schema: type = TrainConfig) -> str | None:
+    node: Any = schema
     parts = key.split(".")
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(node)}
@@ -288,24 +293,31 @@ def _expected_type(key: str) -> str | None:
     return None
 
 
-def _check_choices(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
+def _check_finite(cfg: DictConfig) -> None:
+    """Every float in the config (at any depth, in lists too) is finite: NaN passes every `<`/`>` range check."""
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key '{key}' is {value}; give a finite number")
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else str(name))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{key}[{index}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def _check_choices(cfg: DictConfig, choices: dict[str, tuple[str, ...]] = CHOICES) -> None:
+    for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"config key '{key}' is {value!r}; allowed values: {', '.join(allowed)}")
 
 
 def _check_ranges(cfg: DictConfig) -> None:
-    for key, (low, high, low_open) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and value > high
-        if too_low or too_high:
-            lower = f"> {low}" if low_open else f">= {low}"
-            bound = lower if high is None else f"{lower} and <= {high}"
-            raise UserError(f"config key '{key}' is {value}; it must be {bound}")
+    _check_bounds(cfg, RANGES)
     if len(cfg.data.spacing) != 3 or any(s <= 0 for s in cfg.data.spacing):
         raise UserError(f"config key 'data.spacing' is {list(cfg.data.spacing)}; give three positive mm values")
     roi = roi_triple(cfg.data.roi_size)
@@ -397,3 +409,54 @@ def risky_settings(cfg: DictConfig) -> list[str]:
     if cfg.model.name == "sam_med3d" and cfg.hardware.device == "cpu":
         warnings.append("model=sam_med3d on CPU takes about 20 s per forward pass; use model=sam_med3d_tiny or a GPU")
     return warnings
+
+
+def _check_bounds(cfg: DictConfig, ranges: dict[str, tuple[float | None, float | None, bool]]) -> None:
+    for key, (low, high, low_open) in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            lower = f"> {low}" if low_open else f">= {low}"
+            bound = lower if high is None else f"{lower} and <= {high}"
+            raise UserError(f"config key '{key}' is {value}; it must be {bound}")
+
+
+def validate_tool(
+    cfg: DictConfig, schema: type, *, tool: str, choices: dict[str, tuple[str, ...]] | None = None,
+    ranges: dict[str, tuple[float | None, float | None, bool]] | None = None,
+) -> DictConfig:
+    """The config of `python -m samft.<tool>` merged into its dataclass `schema`, with every float finite,
+    mandatory keys given, and `choices` and `ranges` checked. Raises UserError with one line naming the key."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    try:
+        plain = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+        typed = OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except OmegaConfBaseException as err:
+        raise UserError(_describe_omegaconf_error(err, schema)) from None
+    missing = [f.name for f in dataclasses.fields(schema) if OmegaConf.is_missing(typed, f.name)]
+    if missing:
+        raise UserError(f"samft.{tool} needs {', '.join(missing)}; pass {' '.join(f'{k}=...' for k in missing)}")
+    _check_finite(typed)
+    _check_choices(typed, choices or {})
+    _check_bounds(typed, ranges or {})
+    return typed
+
+
+_OVERRIDE_KEY = re.compile(r"^[+~]{0,2}([A-Za-z_][\w-]*)")
+
+
+def refuse_unknown_overrides(argv: list[str], schema: type, *, tool: str) -> None:
+    """A command-line `key=value` whose key `schema` lacks is one line listing the tool's own keys (Hydra's
+    error would be reported with the training keys). `hydra.*` overrides and flags pass."""
+    known = {f.name for f in dataclasses.fields(schema)}
+    for arg in argv:
+        match = _OVERRIDE_KEY.match(arg)
+        if arg.startswith("-") and not arg.startswith(("~", "+")) or "=" not in arg and not arg.startswith("~"):
+            continue
+        if match and match.group(1) not in known and match.group(1) != "hydra":
+            raise UserError(f"unknown config key '{match.group(1)}' for samft.{tool}; its keys: "
+                            f"{', '.join(sorted(known))}")

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from samft.cli import exit_on_user_error, run_entry
 from samft.errors import UserError
+from samft.predict import DEFAULT_MAX_VOXELS, check_model_tool, checked_entry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,10 +33,31 @@ GRID_ATOL_MM = 1e-3
 """A prediction file is on the mask's grid when every corner voxel lands within this distance (mm)."""
 
 
+@dataclass
+class EvaluateConfig:
+    """`conf/evaluate.yaml`'s keys (see there)."""
+
+    ckpt: str | None = None
+    pred_dir: str | None = None
+    input: str | None = None
+    mask_dir: str | None = None
+    output: str = MISSING
+    points: str | None = None
+    click_from_label: bool = False
+    threshold: float = 0.5
+    postprocess: bool = True
+    overlap: float = 0.25
+    sw_batch_size: int = 1
+    device: str = "auto"
+    nonfinite: str = "refuse"
+    max_voxels: int = DEFAULT_MAX_VOXELS
+
+
 @dataclass(frozen=True)
 class Case:
-    """One scan to score: the scan (HU, X x Y x Z), its true mask ({0,1} uint8, same shape) and the affine the
-    metrics use (the mask's header; without a mask file, the scan's own), as training reads them."""
+    """One scan to score: the scan (HU, X x Y x Z), its true mask ({0,1} uint8, same shape), the affine the
+    metrics use (the mask's header; without a mask file, the scan's own) and the affine the model reads the scan
+    with (the scan's own; for a bare array without geometry, its mask's), as training reads them."""
 
     case_id: str
     image: Path
@@ -44,6 +66,7 @@ class Case:
     scan_has_geometry: bool
     truth: np.ndarray
     affine: np.ndarray
+    scan_affine: np.ndarray
 
 
 PredictFn = Callable[[Case], "tuple[np.ndarray, str]"]
@@ -51,7 +74,9 @@ PredictFn = Callable[[Case], "tuple[np.ndarray, str]"]
 
 
 def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
-    """Score the masks of `cfg.ckpt` or of the files in `cfg.pred_dir` (exactly one) against the true masks."""
+    """Score the masks of `cfg.ckpt` or of the files in `cfg.pred_dir` (exactly one) against the true masks.
+    Scans that cannot be scored are listed in per_case.csv and summary.json, and end it with one UserError."""
+    cfg = check_model_tool(cfg, EvaluateConfig, tool="evaluate")
     if bool(cfg.ckpt) == bool(cfg.pred_dir):
         raise UserError("give exactly one of ckpt=<run>/best_model.pth (predict with a samft model) or "
                         f"pred_dir=<folder of mask files> (score masks any tool wrote); got ckpt={cfg.ckpt}, "
@@ -59,15 +84,28 @@ def evaluate_cases(cfg: DictConfig) -> dict[str, Any]:
     if cfg.pred_dir and (cfg.points or cfg.click_from_label):
         raise UserError("points= and click_from_label= prompt a samft model (ckpt=); the masks in pred_dir are "
                         "already made: drop them")
+    output = Path(cfg.output)
+    if output.exists() and not output.is_dir() or any(p.exists() and not p.is_dir() for p in output.parents):
+        raise UserError(f"output {output} is under a file or is one; choose a folder")
     records = _records(cfg)
-    predict = folder_predictions(Path(cfg.pred_dir), records) if cfg.pred_dir else checkpoint_predictions(cfg)
-    summary = score_cases(records, predict, output=Path(cfg.output))
+    if cfg.pred_dir:
+        predict = folder_predictions(Path(cfg.pred_dir), records, max_voxels=cfg.max_voxels)
+    else:
+        predict = checkpoint_predictions(cfg)
+    summary = score_cases(records, predict, output=output, max_voxels=cfg.max_voxels)
     print(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        raise UserError(f"{len(summary['failed'])} of {len(records)} scan(s) could not be scored (listed in "
+                        f"{output / 'per_case.csv'}): " + " | ".join(summary["failed"][:10]))
     return summary
 
 
-def score_cases(records: list[dict[str, Any]], predict: PredictFn, *, output: Path) -> dict[str, Any]:
-    """The one scoring loop: per_case.csv, summary.json and overlays/<case>.png under `output`."""
+def score_cases(
+    records: list[dict[str, Any]], predict: PredictFn, *, output: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> dict[str, Any]:
+    """The one scoring loop: per_case.csv, summary.json and overlays/<case>.png under `output`. A scan that
+    cannot be read or predicted is a row with mode `failed` and its `error`; the summary covers the others and
+    lists the failures under `failed`."""
     import pandas as pd
     from tqdm import tqdm
 
@@ -75,55 +113,86 @@ def score_cases(records: list[dict[str, Any]], predict: PredictFn, *, output: Pa
     from samft.scoring import case_metrics, summarize
 
     (output / "overlays").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failed = [], []
     for record in tqdm(records, desc="evaluate", unit="scan"):
-        case = load_case(record)
-        pred, mode = predict(case)
+        try:
+            case = load_case(record, max_voxels=max_voxels)
+            pred, mode = predict(case)
+        except UserError as err:
+            log.error("%s: %s", record["image"], err)
+            failed.append({"case_id": record["case_id"], "mode": "failed", "error": str(err)})
+            continue
         rows.append({"case_id": case.case_id, "mode": mode, **case_metrics(pred, case.truth, case.affine)})
         save_overlay(case.scan, case.truth, pred, output / "overlays" / f"{case.case_id}.png",
                      title=f"{case.case_id}: Dice {rows[-1]['dice']:.2f}", display_range=BRAIN_WINDOW_HU)
-    pd.DataFrame(rows).to_csv(output / "per_case.csv", index=False)
-    summary = summarize(rows)
+    pd.DataFrame(rows + failed, columns=None if rows or not failed else ["case_id", "mode", "error"]).to_csv(
+        output / "per_case.csv", index=False)
+    summary = {**(summarize(rows) if rows else {"n_cases": 0}), "failed": [f"{f['case_id']}: {f['error']}"
+                                                                           for f in failed]}
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def load_case(record: dict[str, Any]) -> Case:
-    """Read a record's scan and true mask (an empty mask when `label` is None) on the mask's geometry."""
+def load_case(record: dict[str, Any], *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Case:
+    """Read a record's scan and true mask (an empty mask when `label` is None). The model reads the scan on its
+    own geometry or, for a bare array without any, on its mask's, exactly as training's `LoadCased` does."""
     import numpy as np
 
+    from samft.data.preflight import GEOMETRY_ATOL_MM
     from samft.data.readers import read_volume
 
     image = Path(record["image"])
+    check_declared_size(image, max_voxels)
     scan = read_volume(image)
     if record["label"] is None:
         return Case(record["case_id"], image, None, scan.array, scan.has_geometry,
-                    np.zeros(scan.array.shape, dtype=np.uint8), scan.affine)
+                    np.zeros(scan.array.shape, dtype=np.uint8), scan.affine, scan.affine)
     label = Path(record["label"])
+    check_declared_size(label, max_voxels)
     mask = read_volume(label)
     if mask.array.shape != scan.array.shape:
         raise UserError(f"{label} has shape {mask.array.shape} but its scan {image} has {scan.array.shape}; "
                         "a mask must be on its scan's voxel grid")
+    if scan.has_geometry and mask.has_geometry and not np.allclose(scan.affine, mask.affine, atol=GEOMETRY_ATOL_MM):
+        raise UserError(f"{label}: mask affine differs from the affine of its scan {image}; masks must be on the "
+                        "scan's voxel grid (same spacing, origin and orientation), as training requires")
     return Case(record["case_id"], image, label, scan.array, scan.has_geometry,
-                (mask.array > 0).astype(np.uint8), mask.affine)
+                (mask.array > 0).astype(np.uint8), mask.affine, scan.affine if scan.has_geometry else mask.affine)
+
+
+def check_declared_size(path: Path, max_voxels: int) -> None:
+    """UserError when a NIfTI header declares more than `max_voxels` voxels, before they are read."""
+    import math
+
+    from samft.inference import declared_geometry
+
+    declared = declared_geometry(path)
+    if declared is not None and math.prod(declared[0]) > max_voxels:
+        raise UserError(f"{path}: {' x '.join(map(str, declared[0]))} voxels exceed max_voxels={max_voxels:,}; "
+                        "check the file, or raise max_voxels if it is real")
 
 
 def checkpoint_predictions(cfg: DictConfig) -> PredictFn:
     """Masks from a samft checkpoint: prompt-free, or with clicks from `cfg.points` / the label's innermost voxel."""
+    from samft.data.readers import Volume
     from samft.devices import resolve_device
     from samft.inference import Predictor
+    from samft.predict import read_points
     from samft.scoring import interior_click
 
     device = resolve_device(cfg.device, key="device")
+    points = read_points(Path(cfg.points)) if cfg.points else {}
     predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
-                          postprocess=cfg.postprocess)
-    points = json.loads(Path(cfg.points).read_text()) if cfg.points else {}
+                          postprocess=cfg.postprocess, nonfinite=cfg.nonfinite, max_voxels=cfg.max_voxels)
 
     def predict(case: Case) -> tuple[np.ndarray, str]:
         clicks = points.get(case.image.name)
         if clicks is None and cfg.click_from_label and case.truth.any():
             clicks = [interior_click(case.truth)]
-        return predictor.predict(case.image, points=clicks).mask(cfg.threshold), "click" if clicks else "auto"
+        # the scan as it was read for scoring, on the geometry training gives it (no second read)
+        volume = Volume(case.scan, case.scan_affine, case.scan_has_geometry or case.label is not None)
+        prediction = predictor.predict_volume(volume, case.image, points=clicks)
+        return prediction.mask(cfg.threshold), "click" if clicks else "auto"
 
     return predict
 
@@ -159,7 +228,9 @@ def match_predictions(pred_dir: Path, records: list[dict[str, Any]]) -> dict[str
     return found
 
 
-def folder_predictions(pred_dir: Path, records: list[dict[str, Any]]) -> PredictFn:
+def folder_predictions(
+    pred_dir: Path, records: list[dict[str, Any]], *, max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> PredictFn:
     """Masks read from files (non-zero = lesion), each checked against its case's grid before it is scored."""
     import numpy as np
 
@@ -169,6 +240,7 @@ def folder_predictions(pred_dir: Path, records: list[dict[str, Any]]) -> Predict
 
     def predict(case: Case) -> tuple[np.ndarray, str]:
         path = files[case.case_id]
+        check_declared_size(path, max_voxels)
         prediction = read_volume(path)
         reference = case.label or case.image
         if prediction.array.shape != case.truth.shape:
@@ -222,7 +294,7 @@ def _hydra_evaluate(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_entry(_hydra_evaluate)
+    run_entry(checked_entry(_hydra_evaluate, EvaluateConfig, tool="evaluate"))
 
 
 if __name__ == "__main__":

@@ -49,16 +49,27 @@ def load_encoder(path: str | Path, *, map_location: str | torch.device = "cpu") 
     """Rebuild the exported encoder (in eval mode) from `sam_encoder.pth`."""
     from samft.model import build_model
 
+    if not Path(path).is_file():
+        raise UserError(f"encoder export {path} does not exist; pass the sam_encoder.pth of a run")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise UserError(f"cannot read encoder export {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # truncated zips, foreign pickles (UnpicklingError: refused globals), bad tensors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read encoder export {path} ({type(err).__name__}: {first}); pass the "
+                        "sam_encoder.pth that samft.train wrote") from None
     version = payload.get("format_version") if isinstance(payload, dict) else None
     if version != FORMAT_VERSION:
         raise UserError(f"{path} is not a samft encoder export of format {FORMAT_VERSION} (found {version!r})")
-    arch = payload["architecture"]
-    model = build_model(name=arch["model_name"], visual_tokens=arch["visual_tokens"])
-    encoder = VisualTokenEncoder(image_encoder=model.image_encoder, representation_head=model.representation_head)
-    encoder.image_encoder.load_state_dict(payload["image_encoder_state_dict"])
-    encoder.representation_head.load_state_dict(payload["representation_head_state_dict"])
+    try:
+        arch = payload["architecture"]
+        model = build_model(name=arch["model_name"], visual_tokens=arch["visual_tokens"])
+        encoder = VisualTokenEncoder(image_encoder=model.image_encoder,
+                                     representation_head=model.representation_head)
+        encoder.image_encoder.load_state_dict(payload["image_encoder_state_dict"])
+        encoder.representation_head.load_state_dict(payload["representation_head_state_dict"])
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a missing entry or weights of another shape
+        detail = f"missing entry {err}" if isinstance(err, KeyError) else str(err).strip().splitlines()[0]
+        raise UserError(f"{path} is a damaged samft encoder export ({detail}); export it again from its run") from None
     return encoder.eval()

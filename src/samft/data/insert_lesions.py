@@ -598,6 +598,16 @@ def _mask_files(folder: Path, flag: str) -> list[Path]:
     return files
 
 
+def _check_out(out: Path) -> None:
+    """UserError when --out is a file or lies under one (mkdir would fail after the CT is read)."""
+    for path in [out, *out.parents]:
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else f"lies under the file {path}"
+                raise UserError(f"--out {out} {where}; pass a folder")
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m samft.data.insert_lesions",
@@ -616,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("samft").setLevel(logging.INFO)
     try:
+        _check_out(args.out)
         splits = [("train", _mask_files(args.masks, "--masks"))]
         if args.val_masks is not None:
             splits.append(("val", _mask_files(args.val_masks, "--val-masks")))

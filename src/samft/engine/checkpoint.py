@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     An interruption at any point leaves the previous file at `path` intact.
     """
     path = Path(path)
+    remove_stale_temporaries(path.parent, name=path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -48,6 +50,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """Make `target` hold the bytes of `source`, atomically (a hard link where the filesystem allows)."""
+    remove_stale_temporaries(target.parent, name=target.name)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         try:
@@ -65,6 +68,7 @@ def copy_checkpoint(source: Path, target: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint` (tensors on CPU); UserError if it is not one."""
     path = Path(path)
+    remove_stale_temporaries(path.parent)  # a resume after a SIGKILL during a write finds its temporary here
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass resume=never or a path to a saved .pth file")
     try:
@@ -75,6 +79,45 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not a samft training checkpoint (no format '{FORMAT}')")
     return state
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def remove_stale_temporaries(folder: Path, *, name: str | None = None) -> list[Path]:
+    """Delete the `.<name>.<pid>.tmp` files that `save_checkpoint`/`copy_checkpoint` left in `folder` when their
+    process was killed mid-write (its pid is gone, or is this process, which is not writing them now). Files of
+    live processes (another rank writing) are kept. `name`: only temporaries of that checkpoint. Returns the
+    removed paths."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or (name is not None and match["name"] != name) or not entry.is_file():
+            continue
+        if int(match["pid"]) != os.getpid() and _alive(int(match["pid"])):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:
+        return False  # no such pid can exist
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def capture_rng(click_generator: torch.Generator) -> dict[str, Any]:
