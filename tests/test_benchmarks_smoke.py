@@ -146,3 +146,21 @@ def test_empty_mask_plateau_smoke() -> None:
     curves = re.findall(r"^lesion_pos_weight (\S+): Dice every 1 updates ((?:\d\.\d\d ?)+)$", out, re.MULTILINE)
     assert [weight for weight, _ in curves] == ["1", "50"] and all(len(d.split()) == 3 for _, d in curves), out
     assert "ratio weight 50 / weight 1, updates to Dice 0.5" in out
+
+
+@pytest.mark.slow
+def test_gpu_smoke_runs_every_check_with_a_cpu_form_into_one_report(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_smoke.json"
+    result = run_script("gpu_smoke.py", "--device", "cpu", "--out", str(out), check=False)
+    report = json.loads(out.read_text())
+    failed = {name: check.get("error") for name, check in report["checks"].items() if check["status"] == "failed"}
+    assert result.returncode == 0 and not failed, failed or result.stderr[-3000:]
+    statuses = {name: check["status"] for name, check in report["checks"].items()}
+    assert statuses == {"pytest_gpu": "skipped", **{name: "passed" for name in statuses if name != "pytest_gpu"}}
+    assert len(statuses) == 9 and report["seconds"] < 240  # ~70 s on this 2-core machine; 180 s is the goal
+    assert report["checks"]["seeded_runs"]["bit_equal"] is True
+    assert report["checks"]["ddp_oom"]["events"]["skipped_steps"] == 1
+    assert report["checks"]["gpu_benchmark"]["report"]
+    if not torch.cuda.is_available():
+        refused = run_script("gpu_smoke.py", "--out", str(tmp_path / "none.json"), check=False)
+        assert refused.returncode == 1 and "--device cpu" in refused.stderr

@@ -15,6 +15,7 @@ from test_engine_standin import make_trainer, settings
 from samft import distributed
 from samft.devices import resolve_device
 from samft.engine.determinism import guarantee
+from samft.engine.monitor import EpochMeter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ def _version(text: str) -> tuple[int, ...]:
 def test_summary_states_what_a_seeded_run_repeats_on_its_device(tmp_path: Path) -> None:
     summary = make_trainer(tmp_path, n_train=2, train_settings=settings(epochs=1)).fit()
     assert summary["determinism"]["device"] == "cpu" and summary["determinism"]["guarantee"].startswith("bit-exact")
+    assert "not bit-exact" in guarantee(torch.device("cpu"), "bf16")["guarantee"]
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -33,7 +35,7 @@ def test_on_cuda_deterministic_true_is_not_promised_bit_exact(deterministic: boo
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         torch.use_deterministic_algorithms(deterministic, warn_only=True)  # as seed_everything sets it
-        stated = guarantee(torch.device("cuda"))
+        stated = guarantee(torch.device("cuda"), "bf16")
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     assert stated["deterministic_algorithms"] is deterministic and stated["warn_only"] is True
@@ -77,3 +79,17 @@ def test_the_ddp_smoke_runs_use_gloo_even_where_a_gpu_is_visible(monkeypatch: py
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     device = resolve_device(cfg.hardware.device, key="hardware.device")
     assert distributed.backend_for(cfg.hardware.backend, device.type) == "gloo"
+
+
+def test_epoch_meter_waits_for_queued_cuda_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a synchronize the epoch time on CUDA would end when the last kernel was launched, not run."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 1024**2)
+    meter = EpochMeter(torch.device("cuda", 0))
+    meter.start()
+    calls.append("epoch")
+    stats = meter.stop(4)
+    assert calls == ["sync", "reset", "epoch", "sync"]
+    assert stats["memory/gpu_peak_mb"] == 3 and stats["time/samples_per_s"] > 0

@@ -135,7 +135,6 @@ def _text(accumulator, tag: str) -> list[str]:
 
 
 def test_tensorboard_scalars_config_and_summary_read_by_event_accumulator(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     run_dir = tmp_path / "run"
     first, second = two_sessions(run_dir, lambda: TensorBoardLogger(log_dir=run_dir / "tensorboard", config=CONFIG))
     events = _events(run_dir / "tensorboard")
@@ -151,7 +150,6 @@ def test_tensorboard_scalars_config_and_summary_read_by_event_accumulator(tmp_pa
 
 
 def test_tensorboard_relogged_epoch_is_purged_not_duplicated(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     run_dir = tmp_path / "run"
     summary = fit_keeping_epoch_1(run_dir, lambda: TensorBoardLogger(log_dir=run_dir / "tensorboard"))
     losses = _events(run_dir / "tensorboard").Scalars("train/loss")
@@ -164,7 +162,6 @@ def test_tensorboard_relogged_epoch_is_purged_not_duplicated(tmp_path: Path) -> 
 def mlflow_store(tmp_path_factory) -> Path:
     """One sqlite store for this module's MLflow tests (creating its tables takes seconds); each test uses its
     own experiment."""
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     store = tmp_path_factory.mktemp("mlflow")
@@ -225,7 +222,6 @@ def test_mlflow_run_missing_from_the_store_starts_a_new_run(tmp_path: Path, mlfl
 
 
 def test_mlflow_folder_store(tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
@@ -316,7 +312,6 @@ def test_entry_point_refuses_list_selection_with_exit_code_2(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_smoke_run_with_csv_tensorboard_and_mlflow(tmp_path: Path) -> None:
-    pytest.importorskip("mlflow")
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "samft.train", "experiment=smoke", "logger=many",

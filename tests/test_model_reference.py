@@ -11,12 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import medim
 import pytest
 import torch
 
 from samft.model import REGISTRY, build_model, build_sam
-
-medim = pytest.importorskip("medim")
 
 # A reduced configuration both implementations can build: narrow and shallow encoder, but the released
 # geometry (128^3 input, 8^3 tokens, window 14) and medim's fixed decoder sizes (8 heads, MLP 2048, IoU 256).

@@ -357,7 +357,10 @@ class Trainer:
     def _end_epoch(self, epoch: int, progress: Progress) -> str | None:
         """Validate, step the schedule, track the best, checkpoint, publish; returns a stop reason if any."""
         state = self.progress_in_epoch
-        loss_sum, samples = distributed.sum_over_ranks(state.loss_sum, state.samples)
+        # the ranks run in step, so the sum of their rates is the whole job's samples per second
+        loss_sum, samples, rate = distributed.sum_over_ranks(
+            state.loss_sum, state.samples, state.stats.get("time/samples_per_s", 0.0)
+        )
         record: dict[str, Any] = {
             "epoch": epoch,
             "lr": state.lrs[0],
@@ -366,6 +369,8 @@ class Trainer:
             "train/steps": self.global_step,
             **state.stats,
         }
+        if "time/samples_per_s" in state.stats:
+            record["time/samples_per_s"] = rate
         result = None
         improved = False
         if epoch % self.settings.val_every == 0 or epoch == self.settings.epochs:
@@ -562,7 +567,7 @@ class Trainer:
             "stop_reason": stop_reason,
             "wall_time_s": self._elapsed(),
             "peak_memory_mb": peak_memory_mb(self.device, self.history),
-            "determinism": guarantee(self.device),
+            "determinism": guarantee(self.device, self.settings.precision),
             "events": dict(self.events),
             "history": self.history,
         }

@@ -68,10 +68,14 @@ class EpochMeter:
 
     def start(self) -> None:
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels still queued belong to the previous phase
             torch.cuda.reset_peak_memory_stats(self.device)
         self._started = time.perf_counter()
 
     def stop(self, samples: int) -> dict[str, float]:
+        """The epoch's stats; on CUDA after the queued kernels finished (else the rate counts launches)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._started
         stats = {
             "time/epoch_s": seconds,
