@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -130,7 +131,15 @@ def test_help_and_cfg_job_do_not_import_torch() -> None:
         proc = subprocess.run([sys.executable, "-c", probe.format(flag=flag)], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0, proc.stderr
-        assert "optim" in proc.stdout
+        if flag == "--help":  # every config group with its options, then the composed config
+            for line in ("hardware: cpu, ddp, gpu", "optim: adamw", "scheduler: cosine, plateau, poly, step",
+                         "model: sam_med3d, sam_med3d_tiny, unet", "== Config =="):
+                assert line in proc.stdout, line
+            assert "logger: " in proc.stdout and "hparams_search: ich_optuna" in proc.stdout
+        else:
+            job = yaml.safe_load(proc.stdout)
+            assert {"data", "model", "optim", "scheduler", "hardware", "logger"} <= job.keys()
+            assert job["optim"]["lr"] > 0 and job["hardware"]["device"] in ("auto", "cpu", "cuda")
 
 
 def test_help_reuses_one_config_repository_and_lists_the_same_options(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ so matching its outputs and gradients also checks our real-query-only attention.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,5 @@ def test_benchmark_runs_tiny_at_equal_outputs():
     assert result.returncode == 0, result.stderr
     for words in ("equal outputs: max |diff|", "speed-up", "ratio", "commit", "machine"):
         assert words in result.stdout
+    out = result.stdout
+    assert re.search(r"speed-up +\d+\.\d+x", out) and re.search(r"ratio +\d+\.\d+x", out), out
