@@ -386,3 +386,22 @@ def test_torchrun_ranks_agree_on_rank0s_run_directory(tmp_path: Path) -> None:
     assert (run_dir / "sam_encoder.pth").stat().st_size > 0
     assert (run_dir / "train.log").read_text().count("run finished") == 1
     assert proc.stdout.count("run directory:") == 1
+
+
+def test_torchrun_with_a_multirun_is_refused_before_any_process_group(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """torchrun -m samft.train -m ... would run one whole sweep per rank: one line instead."""
+    import samft.runner as runner
+
+    config = OmegaConf.structured(TrainConfig)
+    config.hardware.device, config.hardware.distributed = "cpu", True
+    monkeypatch.setattr(os, "environ", {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    monkeypatch.setattr(runner, "in_multirun", lambda: True)
+    with pytest.raises(UserError, match="torchrun with -m runs one sweep per rank"):
+        runner._train_distributed(config, tmp_path)
+    assert not distributed.is_active()
+    monkeypatch.setattr(runner, "in_multirun", lambda: False)  # a single run goes on to join the group
+    monkeypatch.setattr(distributed, "process_group", lambda **kw: (_ for _ in ()).throw(RuntimeError("joins")))
+    with pytest.raises(RuntimeError, match="joins"):
+        runner._train_distributed(config, tmp_path)
