@@ -85,6 +85,11 @@ def _check_written(out: Path, ct_path: Path, sources: dict[str, Path]) -> None:
         lesion = written == 1
         shift = (int(row["shift_x"]), int(row["shift_y"]), 0)
         assert not np.any(lesion & ~il._shift(brain, shift, False)), f"{stem}: lesion voxels outside the brain"
+        # judged without the module's brain mask too: the scan under the lesion was soft tissue, no bone or air
+        under = il._shift(hu, shift, -1000.0)[lesion]
+        assert under.min() > -50.0 and under.max() < 100.0, f"{stem}: lesion over bone or air"
+        assert 15.0 <= float(np.median(under)) <= 60.0, f"{stem}: lesion not over parenchyma"
+        assert abs(float(row["rotation_deg"])) <= il.MAX_ROTATION_DEG == 15.0, f"{stem}: rotated too far"
         # Volume: the written lesion is the K most covered CT voxels, K = source volume / CT voxel volume,
         # so it matches to half a CT voxel by construction (the occupancy test checks the resampling itself).
         source_mask, source_affine = load_nifti(source)
