@@ -88,8 +88,16 @@ def _dead_pid() -> int:
 
 def test_resume_removes_stale_checkpoint_temporaries_only(tmp_path: Path) -> None:
     save_checkpoint({"format": FORMAT, "epoch": 1}, tmp_path / "latest_model.pth")
-    stale = tmp_path / f".latest_model.pth.{_dead_pid()}.tmp"
-    stale.write_bytes(b"half a checkpoint")
+    # a real SIGKILL between the write of the temporary and its rename
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "import samft.engine.checkpoint as c\n"
+        "c.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.save_checkpoint({'format': c.FORMAT, 'epoch': 2}, c.Path(sys.argv[1]))\n"),
+        str(tmp_path / "latest_model.pth")], timeout=120)
+    assert killed.returncode == -9
+    stale = next(tmp_path.glob(".latest_model.pth.*.tmp"))
+    assert stale.stat().st_size > 0
     alive = tmp_path / f".best_model.pth.{os.getppid()}.tmp"  # a live process (another rank) may be writing it
     alive.write_bytes(b"being written")
     other = tmp_path / ".notes.tmp"
@@ -149,3 +157,29 @@ def test_insert_lesions_out_under_a_file_is_one_line(tmp_path: Path, capsys) -> 
         stderr = capsys.readouterr().err
         assert exit_info.value.code == 2 and stderr.count("\n") == 1, stderr
         assert stderr.startswith(f"error: --out {out}") and "file" in stderr
+
+
+# baseline: the same schema rules and the NaN refusal
+
+def test_baseline_options_and_nan_scans(tmp_path: Path, capsys) -> None:
+    import numpy as np
+    from hardening_helpers import scan, tool_config, write_nifti
+
+    from samft.baseline import BaselineConfig, run_baseline
+    from samft.config import refuse_unknown_overrides
+
+    for override, message in (("hu_min=nan", "'hu_min' is nan"), ("erode_mm=abc", "'erode_mm'"),
+                              ("nonfinite=keep", "'nonfinite' is 'keep'"), ("+epochs=1", "unknown config key")):
+        with pytest.raises(UserError, match=message):
+            run_baseline(tool_config("baseline", f"input={tmp_path}", f"output={tmp_path / 'o'}", override))
+    with pytest.raises(UserError, match="for samft.baseline; its keys: bone_hu"):
+        refuse_unknown_overrides(["threshold=0.3"], BaselineConfig, tool="baseline")
+    poisoned = scan()
+    poisoned[3, 3, 3] = np.nan
+    write_nifti(tmp_path / "in" / "a.nii.gz", scan())
+    write_nifti(tmp_path / "in" / "b.nii.gz", poisoned)
+    failures = run_baseline(tool_config("baseline", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"))
+    assert len(failures) == 1 and "b.nii.gz" in failures[0] and "NaN or Inf" in failures[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_mask.nii.gz"]
+    assert run_baseline(tool_config("baseline", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+                                    "nonfinite=zero")) == []
