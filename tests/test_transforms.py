@@ -400,3 +400,22 @@ def test_epoch_sampler_shards_and_advances() -> None:
     sampler.set_epoch(0)
     assert list(sampler) == first
     assert 0 <= default_num_workers() <= 4
+
+
+def test_epoch_sampler_with_distributed_true_gives_each_rank_its_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """distributed=True takes the rank and world size of the process group (2 ranks here, faked): disjoint
+    shards that cover the set, a new permutation each epoch, the same one on every rank for an epoch."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    shards = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "get_rank", lambda *a, rank=rank, **k: rank)
+        sampler = EpochSampler(8, seed=1, distributed=True)
+        shards.append([list(sampler), list(sampler)])
+    for epoch in range(2):
+        first, second = ([i for i, _ in shards[rank][epoch]] for rank in range(2))
+        assert len(first) == len(second) == 4 and sorted(first + second) == list(range(8))
+        assert {e for rank in range(2) for _, e in shards[rank][epoch]} == {epoch}
+    assert shards[0][0] != [(i, 1) for i, _ in shards[0][1]]  # reshuffled for epoch 1
