@@ -38,9 +38,11 @@ class RefinementHead(nn.Module):
     """Lifts the mask decoder's 4-voxel grid towards full crop resolution.
 
     image B x 1 x S x S x S and the decoder logits B x 1 x S/4 x S/4 x S/4 -> logits B x 1 x S x S x S: the
-    official trilinear upsampling of the decoder logits plus a correction, gate * UNet(image, coarse), computed on
-    the grid of S/`downsample` (the CT average-pooled, the logits upsampled) by a small MONAI UNet (instance norm)
-    and upsampled to S. `gate` starts at 0, so an untrained head gives exactly the official output.
+    official trilinear upsampling of the decoder logits plus a correction, UNet(image, coarse), computed on the
+    grid of S/`downsample` (the CT average-pooled, the logits upsampled) by a small MONAI UNet (instance norm) and
+    upsampled to S. The UNet's output layer starts at zero, so an untrained head gives exactly the official
+    output, and it learns at full scale from the first step (a zero-initialised gate would need about 1/lr steps
+    to open under Adam).
     `downsample=2` (a 3 mm grid at 1.5 mm input) costs an eighth of full resolution on a CPU; the
     upsample-then-threshold ceiling of that grid is about Dice 0.90 on real hemorrhage masks, against 0.66 for
     the decoder's 6 mm grid.
@@ -53,13 +55,16 @@ class RefinementHead(nn.Module):
         self.downsample = downsample
         self.net = UNet(spatial_dims=3, in_channels=2, out_channels=1, channels=channels,
                         strides=(2,) * (len(channels) - 1), num_res_units=0, norm="instance")
-        self.gate = nn.Parameter(torch.zeros(()))
+        output = [m for m in self.net.modules() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)][-1]
+        assert output.out_channels == 1, "the UNet's last convolution must be its output layer"
+        nn.init.zeros_(output.weight)
+        nn.init.zeros_(output.bias)
 
     def forward(self, image: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
         size = image.shape[2:]
         grid = [s // self.downsample for s in size]
         small = nn.functional.avg_pool3d(image, self.downsample) if self.downsample > 1 else image
         coarse = nn.functional.interpolate(low_res, size=grid, mode="trilinear", align_corners=False)
-        correction = self.gate * self.net(torch.cat([small, coarse.to(small.dtype)], dim=1))
+        correction = self.net(torch.cat([small, coarse.to(small.dtype)], dim=1))
         upsample = partial(nn.functional.interpolate, size=size, mode="trilinear", align_corners=False)
         return upsample(low_res) + upsample(correction)
