@@ -86,6 +86,7 @@ def _dead_pid() -> int:
     return child.pid
 
 
+@pytest.mark.slow
 def test_resume_removes_stale_checkpoint_temporaries_only(tmp_path: Path) -> None:
     save_checkpoint({"format": FORMAT, "epoch": 1}, tmp_path / "latest_model.pth")
     # a real SIGKILL between the write of the temporary and its rename

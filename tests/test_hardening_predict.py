@@ -66,6 +66,7 @@ def test_nonfinite_zero_cleans_the_scan_explicitly(tmp_path: Path, ckpt: Path) -
     np.testing.assert_array_equal(probabilities, nib.load(tmp_path / "out" / "c_prob.nii.gz").get_fdata())
 
 
+@pytest.mark.slow
 def test_the_predict_cli_exits_2_naming_the_nan_scan_after_predicting_the_others(tmp_path: Path, ckpt: Path) -> None:
     poisoned = scan()
     poisoned[5, 5, 5] = np.nan
@@ -271,6 +272,7 @@ def test_options_outside_the_schema_fail_before_any_work(tmp_path: Path, overrid
     _one_line(err)
 
 
+@pytest.mark.slow
 def test_unknown_keys_list_the_tools_own_keys(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown config key 'epochs' for samft.predict; its keys: ckpt") as err:
         refuse_unknown_overrides(["ckpt=a", "epochs=3"], PredictConfig, tool="predict")
@@ -281,6 +283,7 @@ def test_unknown_keys_list_the_tools_own_keys(tmp_path: Path) -> None:
     assert "for samft.evaluate" in proc.stderr and "pred_dir" in proc.stderr and "optim" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_predict_cli_option_error_is_one_line_with_exit_2(tmp_path: Path) -> None:
     proc = run_cli("samft.predict", "ckpt=x.pth", f"input={tmp_path}", "output=o", "overlap=1.5", tmp_path=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "'overlap' is 1.5" in proc.stderr
