@@ -73,8 +73,31 @@ def test_a_trial_worse_than_the_median_is_pruned(tmp_path: Path) -> None:
     assert list(trials[2].intermediate_values) == [1]  # stopped after its first epoch, not run to the 4th
     table = pd.read_csv(tmp_path / "trials.csv")
     assert table.loc[2, "state"] == "PRUNED"
+    assert list(table["epochs_run"]) == [4, 4, 1]  # from each run's summary.json: the pruned one ran 1 epoch
 
 
 def test_pruner_none_never_prunes(tmp_path: Path) -> None:
     sweep(tmp_path, "bad_trial=2", "hydra.sweeper.pruner=none")
     assert study(tmp_path).trials[2].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_the_hyperband_pruner_stops_bad_trials_early_through_the_job_side_reporter(tmp_path: Path) -> None:
+    """hparams_search.pruner=hyperband: the job's TrialReporter (as the Trainer's epoch callback) is told to stop
+    trials far below the others before their last epoch, and never a good one."""
+    from samft.sweep.pruning import TrialReporter
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="app", storage=storage, direction="maximize")
+    stopped_at = {}
+    for number in range(12):
+        trial = study.ask()
+        value = 0.0 if number >= 6 else 0.5 + 0.01 * number
+        reporter = TrialReporter(storage=storage, study_name="app", number=trial.number, pruner="hyperband")
+        stop = next((epoch for epoch in range(1, 5) if reporter(epoch, {"val/dice": value})), None)
+        if stop is None:
+            study.tell(trial, value)
+        else:
+            stopped_at[number] = stop
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    # which bad trials a bracket stops varies with the pruner's auto max_resource (run to run: 3 or all 6)
+    assert stopped_at and set(stopped_at) <= set(range(6, 12)) and max(stopped_at.values()) < 4, stopped_at

@@ -41,6 +41,14 @@ def test_run_writes_every_file_of_the_contract(smoke_run) -> None:
                  "train.log", "training_curves.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert f"run directory: {run_dir}" in proc.stdout
+    # the contents, not only the presence: data statistics per split, the whole log, a real picture
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert set(stats) == {"all", "train", "val"}
+    assert stats["train"]["n_samples"] + stats["val"]["n_samples"] == stats["all"]["n_samples"] > 0
+    assert stats["all"]["n_positive"] + stats["all"]["n_negative"] == stats["all"]["n_samples"]
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 1/2" in log and "epoch 2/2" in log and log.count("run finished (completed)") == 1
+    assert (run_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best val/dice:" in proc.stdout
 
 

@@ -33,9 +33,12 @@ def task(cfg: DictConfig) -> float:
     reporter = TrialReporter(storage=cfg.trial.storage, study_name=cfg.trial.study_name, number=number,
                              pruner=cfg.trial.pruner)
     value = 0.0 if number == cfg.bad_trial else cfg.x
+    summary_file = Path(HydraConfig.get().runtime.output_dir) / "summary.json"
     for epoch in range(1, cfg.epochs + 1):
-        if reporter(epoch, {"val/dice": value}):
+        if reporter(epoch, {"val/dice": value}):  # as the Trainer: summary.json first, then the runner raises
+            summary_file.write_text(json.dumps({"stop_reason": "pruned", "epochs_run": epoch, "best_metric": value}))
             raise optuna.TrialPruned()
+    summary_file.write_text(json.dumps({"stop_reason": "completed", "epochs_run": cfg.epochs, "best_metric": value}))
     return value
 
 
