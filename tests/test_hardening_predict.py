@@ -287,3 +287,20 @@ def test_unknown_keys_list_the_tools_own_keys(tmp_path: Path) -> None:
 def test_a_predict_cli_option_error_is_one_line_with_exit_2(tmp_path: Path) -> None:
     proc = run_cli("samft.predict", "ckpt=x.pth", f"input={tmp_path}", "output=o", "overlap=1.5", tmp_path=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "'overlap' is 1.5" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["weights_of_another_model", "no_weights", "no_intensity"])
+def test_a_checkpoint_whose_config_and_weights_disagree_is_one_line(tmp_path: Path, ckpt: Path, damage: str) -> None:
+    from samft.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(ckpt)
+    if damage == "weights_of_another_model":
+        state["model"] = {"decoder.weight": torch.zeros(3)}
+    elif damage == "no_weights":
+        del state["model"]
+    else:
+        del state["config"]["data"]["intensity"]
+    save_checkpoint(state, tmp_path / "best_model.pth")
+    with pytest.raises(UserError, match="do not rebuild a model") as err:
+        Predictor(tmp_path / "best_model.pth", device=torch.device("cpu"))
+    _one_line(err)

@@ -63,15 +63,22 @@ class Predictor:
         if "model" not in config or "data" not in config:
             raise UserError(f"{ckpt} holds no training config; pass a best_model.pth or latest_model.pth of a run")
         model_cfg, data_cfg = config["model"], config["data"]
-        self.prompt_mode = model_cfg.get("prompt_mode", "click")
-        self.model = build_model_from_config(model_cfg, with_checkpoint=False)
-        self.model.load_state_dict(state["model"])
+        try:
+            self.prompt_mode = model_cfg.get("prompt_mode", "click")
+            self.model = build_model_from_config(model_cfg, with_checkpoint=False)
+            self.model.load_state_dict(state["model"])
+            norm_stats = _train_norm_stats(ckpt.parent) if data_cfg["intensity"] == "nnunet" else None
+            self.preprocessing = Preprocessing.from_config(data_cfg, norm_stats)
+            self.transforms: Compose = self.preprocessing.transforms("predict")
+        except UserError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:  # a damaged or foreign run
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(f"{ckpt}: its config and weights do not rebuild a model ({type(err).__name__}: "
+                            f"{first[:200]}); pass a best_model.pth or latest_model.pth of a samft run") from None
         self.model.to(device).eval()
         self.device = device
         self.overlap, self.sw_batch_size = overlap, sw_batch_size
-        norm_stats = _train_norm_stats(ckpt.parent) if data_cfg["intensity"] == "nnunet" else None
-        self.preprocessing = Preprocessing.from_config(data_cfg, norm_stats)
-        self.transforms: Compose = self.preprocessing.transforms("predict")
         # the pipeline after its reader: predict reads each scan once and hands the voxels to the rest
         if not isinstance(self.transforms.transforms[0], LoadCased):
             raise RuntimeError("the predict pipeline must start with LoadCased")
