@@ -88,7 +88,9 @@ def test_evaluate_cli_writes_per_case_rows_summary_and_overlays(tmp_path: Path) 
     assert len(rows) == len(cases) and set(rows["mode"]) <= {"click", "auto"}
     assert (rows["mode"] == "click").tolist() == rows["positive"].tolist()  # one reader's click per positive scan
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    recomputed = summarize(rows.to_dict("records"))
-    assert summary["n_positive"] == recomputed["n_positive"] == int(rows["positive"].sum())
-    assert summary["dice_positive_mean"] == pytest.approx(recomputed["dice_positive_mean"])
+    # the expectation from the rows themselves (pandas), not from the summarising code under test
+    positive = rows[rows["positive"].astype(bool)]
+    assert summary["n_positive"] == len(positive) > 0
+    assert summary["dice_positive_mean"] == pytest.approx(float(positive["dice"].mean()))
+    assert all(0.0 <= d <= 1.0 for d in rows["dice"].dropna())
     assert sorted(p.stem for p in (tmp_path / "eval" / "overlays").glob("*.png")) == sorted(rows["case_id"])
