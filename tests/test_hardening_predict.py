@@ -165,6 +165,10 @@ def test_an_output_over_or_inside_an_input_is_refused_and_the_input_kept(tmp_pat
     with pytest.raises(UserError, match="inside the input"):
         _predict(ckpt, tmp_path, tmp_path / "masks")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+    (tmp_path / "list.csv").write_text("path\nct.nii.gz\n")
+    with pytest.raises(UserError, match="holds input scans"):  # a batch's masks are not mixed into its scans
+        _predict(ckpt, tmp_path / "list.csv", tmp_path)
+    (tmp_path / "list.csv").unlink()
     # beside a single input is fine: the scan is not read back from there
     assert _predict(ckpt, ct, tmp_path / "ct_seg.nii.gz") == [] and ct.read_bytes() == before
 

@@ -222,6 +222,11 @@ def check_outputs(jobs: list[Job], *, source: Path, output: Path, single_file: b
                 raise UserError(f"output {output} would write {path} {'over' if path == scan else 'inside'} the "
                                 f"input {scan}; choose an output outside the inputs")
     folder = output.parent if single_file else output
+    if source.is_file() and source.suffix.lower() == ".csv":  # a batch: masks are not mixed into a scan folder
+        holding = next((job.image for job in jobs if job.image.resolve().parent == folder.resolve()), None)
+        if holding is not None:
+            raise UserError(f"output folder {folder} holds input scans (e.g. {holding.name}); write the masks to "
+                            "another folder")
     for parent in [folder, *folder.parents]:
         if parent.exists():
             if not parent.is_dir():
