@@ -3,6 +3,7 @@ no code run from a pickle; and `data.on_bad_sample=skip` lists what it leaves ou
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -109,3 +110,19 @@ def test_skip_lists_every_left_out_sample(dataset: Path, tmp_path: Path) -> None
     assert len(bundle.skipped) == 1
     assert bundle.skipped[0]["origin"].endswith("train.csv line 4") and bundle.skipped[0]["split"] == "train"
     assert (run_dir / "stats.json").exists()
+
+
+@pytest.mark.slow
+def test_skip_through_the_cli_trains_without_the_bad_sample_and_lists_it_in_the_summary(dataset: Path) -> None:
+    (dataset / "005.pkl").write_bytes(b"\x80\x04 truncated")
+    with open(dataset / "train.csv", "a") as handle:
+        handle.write("005.pkl,0,p5\n")
+    proc = train(dataset, "data.on_bad_sample=skip", "hardware=cpu", "epochs=1", "max_steps_per_epoch=1",
+                 "model.train_clicks=1", "model.val_clicks=[1]", "data.cache=none", "hardware.num_workers=0",
+                 f"hydra.run.dir={dataset / 'out' / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "005.pkl" in proc.stdout + proc.stderr  # the warning names it
+    summary = json.loads((dataset / "out" / "run" / "summary.json").read_text())
+    [skipped] = summary["skipped_samples"]
+    assert skipped["origin"].endswith("train.csv line 4") and skipped["split"] == "train"
+    assert summary["epochs_run"] == 1
