@@ -8,7 +8,7 @@ STAMP := $(VENV)/.samft-installed
 .PHONY: demo test setup
 
 demo: $(STAMP)
-	$(BIN)/python -m samft.train
+	$(BIN)/python -m samft.train experiment=demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

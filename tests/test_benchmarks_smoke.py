@@ -154,7 +154,7 @@ def test_gpu_smoke_runs_every_check_with_a_cpu_form_into_one_report(tmp_path: Pa
     assert result.returncode == 0 and not failed, failed or result.stderr[-3000:]
     statuses = {name: check["status"] for name, check in report["checks"].items()}
     assert statuses == {"pytest_gpu": "skipped", **{name: "passed" for name in statuses if name != "pytest_gpu"}}
-    assert len(statuses) == 9 and report["seconds"] < 240  # ~70 s on this 2-core machine; 180 s is the goal
+    assert len(statuses) == 9  # its time is measured by the script (~70 s here), never asserted in a test
     assert report["checks"]["seeded_runs"]["bit_equal"] is True
     assert report["checks"]["ddp_oom"]["events"]["skipped_steps"] == 1
     assert report["checks"]["gpu_benchmark"]["report"]

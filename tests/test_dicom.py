@@ -34,7 +34,7 @@ from samft.data.transforms import LoadCased
 from samft.dicom_seg import write_segmentation
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.errors import UserError
-from samft.model import build_model
+from samft.model import build_model_from_config
 from samft.predict import plan_jobs, run_predictions
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -328,7 +328,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = OmegaConf.to_container(cfg, resolve=False)
     config["data"].update(DATA)
     torch.manual_seed(0)
-    model = build_model(**TINY)
+    model = build_model_from_config(config["model"], with_checkpoint=False)  # the model the config describes
     path = tmp_path_factory.mktemp("run") / "best_model.pth"
     save_checkpoint({"format": FORMAT, "model": model.state_dict(), "config": config}, path)
     return path
