@@ -204,10 +204,18 @@ def _fill_disk_cache(dataset: PersistentDataset, *, workers: int, progress: bool
 
     from tqdm import tqdm
 
+    # only the missing entries: reading existing ones from several threads would race on torch's process-wide
+    # safe-globals list (a refused read counts as a corrupt file and is recomputed)
+    missing = [i for i, record in enumerate(dataset.data) if not _cache_file(dataset, record).is_file()]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        done = pool.map(dataset.__getitem__, range(len(dataset)))
-        for _ in tqdm(done, total=len(dataset), desc=f"preprocess {stage}", disable=not progress):
+        done = pool.map(dataset.__getitem__, missing)
+        for _ in tqdm(done, total=len(missing), desc=f"preprocess {stage}", disable=not progress or not missing):
             pass
+
+
+def _cache_file(dataset: PersistentDataset, record: dict) -> Path:
+    """Where `PersistentDataset` keeps a record's preprocessed sample (its cache folder, the record's hash)."""
+    return Path(dataset.cache_dir) / f"{dataset.hash_func(record).decode('utf-8')}.pt"
 
 
 class _SafePersistentDataset(PersistentDataset):
