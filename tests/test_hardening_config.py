@@ -1,5 +1,5 @@
 """NaN and Inf in any float key, and out-of-range seeds, are one line before any data is read; the tools'
-schemas; stale checkpoint temporaries; damaged encoder exports; insert_lesions' --out under a file."""
+schemas; stale checkpoint temporaries; damaged encoder exports; lesion insertion's --out under a file."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_load_encoder_on_a_wrong_or_malicious_file_is_one_line(tmp_path: Path, k
 
 
 def test_insert_lesions_out_under_a_file_is_one_line(tmp_path: Path, capsys) -> None:
-    from samft.data.insert_lesions import main
+    from samft.synth.cli import main
 
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "masks").mkdir()

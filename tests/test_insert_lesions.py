@@ -1,4 +1,5 @@
-"""Lesion insertion: brain segmentation, noise model, physical resampling, placement, the written data set.
+"""Lesion insertion (samft.synth): brain segmentation, noise model, physical resampling, placement, the written
+data set.
 
 The synthetic tests use a small demo phantom and ellipsoid masks on oblique grids; the real-data tests use
 `../shared/data` (one head CT, a few expert masks) and skip when it is absent.
@@ -17,11 +18,16 @@ import pytest
 from scipy import ndimage
 
 from samft.data import demo
-from samft.data import insert_lesions as il
 from samft.data.preflight import preflight
 from samft.data.readers import load_nifti, load_pickle_volume
 from samft.data.sources import csv_records
 from samft.errors import UserError
+from samft.synth import NoiseModel, brain_mask, estimate_noise, insert_lesions, load_scan
+from samft.synth.brain import brain_blocks
+from samft.synth.cli import main as synth_main
+from samft.synth.placement import MAX_ROTATION_DEG, lesion_occupancy, placements, read_lesion, top_voxels
+from samft.synth.render import MAX_SHIFT_MM, shift_volume
+from samft.synth.scan import Scan
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_TRAIN = ("059fb16067", "067b82e422", "03e92a47d9")  # 0.5 ml; 8.9 ml; 12.6 ml in several components
@@ -70,7 +76,7 @@ def _digests(folder: Path) -> dict[str, str]:
 def _check_written(out: Path, ct_path: Path, sources: dict[str, Path]) -> None:
     """Every lesion inside the brain, with the source's volume and shape, painted at its blood HU."""
     hu, affine = load_nifti(ct_path)
-    brain = il.brain_mask(hu, np.linalg.norm(affine[:3, :3], axis=0))
+    brain = brain_mask(hu, np.linalg.norm(affine[:3, :3], axis=0))
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     rows = {**_manifest(out, "train"), **_manifest(out, "val")}
     cores = 0
@@ -84,12 +90,12 @@ def _check_written(out: Path, ct_path: Path, sources: dict[str, Path]) -> None:
         np.testing.assert_allclose(mask_affine, affine, atol=1e-4)
         lesion = written == 1
         shift = (int(row["shift_x"]), int(row["shift_y"]), 0)
-        assert not np.any(lesion & ~il._shift(brain, shift, False)), f"{stem}: lesion voxels outside the brain"
+        assert not np.any(lesion & ~shift_volume(brain, shift, False)), f"{stem}: lesion voxels outside the brain"
         # judged without the module's brain mask too: the scan under the lesion was soft tissue, no bone or air
-        under = il._shift(hu, shift, -1000.0)[lesion]
+        under = shift_volume(hu, shift, -1000.0)[lesion]
         assert under.min() > -50.0 and under.max() < 100.0, f"{stem}: lesion over bone or air"
         assert 15.0 <= float(np.median(under)) <= 60.0, f"{stem}: lesion not over parenchyma"
-        assert abs(float(row["rotation_deg"])) <= il.MAX_ROTATION_DEG == 15.0, f"{stem}: rotated too far"
+        assert abs(float(row["rotation_deg"])) <= MAX_ROTATION_DEG == 15.0, f"{stem}: rotated too far"
         # Volume: the written lesion is the K most covered CT voxels, K = source volume / CT voxel volume,
         # so it matches to half a CT voxel by construction (the occupancy test checks the resampling itself).
         source_mask, source_affine = load_nifti(source)
@@ -134,23 +140,23 @@ def test_brain_mask_keeps_parenchyma_and_drops_csf_bone_air() -> None:
     hu[20:80, 20:80, 1:5] = 30.0  # parenchyma
     hu[48:51, 20:50, 1:5] = 5.0  # a 1.5 mm sulcus from the surface inwards
     hu[55:75, 55:75, 1:5] = 5.0  # a 10 mm ventricle
-    strict = il.brain_mask(hu, spacing)
+    strict = brain_mask(hu, spacing)
     assert strict[35, 35, 2] and strict[35, 35, 1] and strict[70, 40, 4]
     assert not strict[49, 30, 2] and not strict[65, 65, 2]  # CSF
     assert not strict[17, 50, 2] and not strict[5, 5, 2] and not strict[50, 50, 0]  # bone, air
     assert not strict[21, 35, 2] and not strict[54, 65, 2]  # eroded 1.5 mm off the skull and the ventricle
-    sulci = il.brain_mask(hu, spacing, sulci_mm=3.0)
+    sulci = brain_mask(hu, spacing, sulci_mm=3.0)
     assert sulci[49, 30, 2] and not sulci[65, 65, 2]  # the sulcus is taken in, the ventricle not
     assert np.all(strict <= sulci)
 
 
 def test_noise_estimate_recovers_a_known_noise_model() -> None:
-    truth = il.NoiseModel(sigma=5.0, corr=(1.2, 0.6))
+    truth = NoiseModel(sigma=5.0, corr=(1.2, 0.6))
     noise = truth.sample(np.random.default_rng(0), (128, 128, 8))
     assert abs(noise.std() - 5.0) < 0.2
     brain = np.zeros(noise.shape, dtype=bool)
     brain[8:-8, 8:-8] = True
-    fitted = il.estimate_noise(30.0 + noise, brain)
+    fitted = estimate_noise(30.0 + noise, brain)
     assert abs(fitted.sigma - 5.0) < 0.5
     assert np.allclose(fitted.corr, truth.corr, atol=0.15)
 
@@ -159,10 +165,10 @@ def test_occupancy_keeps_physical_volume_and_shape(tmp_path: Path) -> None:
     """An ellipsoid on a tilted 0.5 x 0.5 x 2 mm grid, rotated and mirrored onto a 0.9 x 0.9 x 5 mm grid
     tilted the other way: the occupancy integrates to the source volume and has its second moments."""
     _ellipsoid_mask(tmp_path / "m.nii.gz", axes_mm=(9.0, 6.0, 5.0), spacing=(0.5, 0.5, 2.0), tilt_deg=15.0)
-    lesion = il._read_lesion(tmp_path / "m.nii.gz")
+    lesion = read_lesion(tmp_path / "m.nii.gz")
     ct_linear = _rotation_x(-10.0) @ np.diag([-0.9, -0.9, 5.0])
     turn = _rotation_x(12.0) @ np.diag([-1.0, 1.0, 1.0])
-    occupancy = il._occupancy(lesion, ct_linear, turn, np.array([0.3, 0.7, 0.1]))
+    occupancy = lesion_occupancy(lesion, ct_linear, turn, np.array([0.3, 0.7, 0.1]))
     voxel_mm3 = abs(np.linalg.det(ct_linear))
     assert occupancy.min() >= 0.0 and occupancy.max() == pytest.approx(1.0)
     assert occupancy.sum() * voxel_mm3 == pytest.approx(lesion.volume_mm3, rel=0.01)
@@ -174,7 +180,7 @@ def test_occupancy_keeps_physical_volume_and_shape(tmp_path: Path) -> None:
     # a solid ellipsoid's std along a semi-axis a is a / sqrt(5); the 5 mm slices add up to 25/12 mm^2
     expected = np.array([5.0, 6.0, 9.0]) / np.sqrt(5.0)
     assert np.all(np.abs(spread - expected) <= np.maximum(0.1 * expected, 0.6))
-    label = il._top_voxels(occupancy, round(lesion.volume_mm3 / voxel_mm3))
+    label = top_voxels(occupancy, round(lesion.volume_mm3 / voxel_mm3))
     assert label.sum() == round(lesion.volume_mm3 / voxel_mm3)
     assert occupancy[label].min() >= occupancy[~label].max()
 
@@ -186,10 +192,10 @@ def test_placements_keep_every_lesion_voxel_in_the_brain(pool: tuple[int, int, i
     label = np.zeros((5, 4, 3), dtype=bool)
     label[1:4, :, 1] = True
     label[2, 1:3, :] = True
-    origin, outside = il._brain_blocks(brain, np.array(pool))
-    scan = il._Scan(np.zeros(brain.shape, np.float32), np.eye(4), brain, il.NoiseModel(1.0, (0.0, 0.0)),
+    origin, outside = brain_blocks(brain, np.array(pool))
+    scan = Scan(np.zeros(brain.shape, np.float32), np.eye(4), brain, NoiseModel(1.0, (0.0, 0.0)),
                     np.array(pool), origin, outside)
-    found = {tuple(o) for o in il._placements(scan, label)}
+    found = {tuple(o) for o in placements(scan, label)}
     fits = {o for o in np.ndindex(*(np.array(brain.shape) - label.shape + 1))
             if brain[tuple(slice(a, a + n) for a, n in zip(o, label.shape))][label].all()}
     assert found and found <= fits
@@ -206,7 +212,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _ellipsoid_mask(root / "train" / "a.nii.gz", axes_mm=(8.0, 5.0, 6.0), spacing=(0.5, 0.5, 2.0), tilt_deg=15.0)
     _ellipsoid_mask(root / "train" / "b.nii.gz", axes_mm=(14.0, 10.0, 12.0), spacing=(0.8, 0.8, 3.0), tilt_deg=-10.0)
     _ellipsoid_mask(root / "val" / "c.nii.gz", axes_mm=(7.0, 7.0, 9.0), spacing=(0.45, 0.45, 5.0), tilt_deg=0.0)
-    il.main(["--ct", str(root / "ct.nii.gz"), "--masks", str(root / "train"), "--val-masks", str(root / "val"),
+    synth_main(["--ct", str(root / "ct.nii.gz"), "--masks", str(root / "train"), "--val-masks", str(root / "val"),
              "--out", str(root / "out"), "--seed", "3"])
     return root
 
@@ -228,19 +234,19 @@ def test_phantom_set_passes_preflight_with_negatives(phantom: Path) -> None:
     ]
     # a negative is the scan shifted by a few voxels with fresh noise of half the scan's on top
     ct = load_nifti(phantom / "ct.nii.gz")[0]
-    sigma = il.load_scan(phantom / "ct.nii.gz").noise.sigma
+    sigma = load_scan(phantom / "ct.nii.gz").noise.sigma
     for split in ("train", "val"):
         row = _manifest(out, split)[f"{split}_neg000"]
         shift = (int(row["shift_x"]), int(row["shift_y"]), 0)
-        assert max(map(abs, shift)) <= il.MAX_SHIFT_MM / 1.5
+        assert max(map(abs, shift)) <= MAX_SHIFT_MM / 1.5
         negative = load_pickle_volume(out / "volumes" / f"{split}_neg000.pkl")[0].astype(float)
-        brain = il._shift(il.brain_mask(ct, (1.5, 1.5, 6.0)), shift, False)
-        extra = (negative - il._shift(ct, shift, ct.min()))[brain]
+        brain = shift_volume(brain_mask(ct, (1.5, 1.5, 6.0)), shift, False)
+        extra = (negative - shift_volume(ct, shift, ct.min()))[brain]
         assert abs(extra.mean()) < 0.5 and 0.4 * sigma < extra.std() < 0.6 * sigma
 
 
 def test_api_records_are_the_csv_records(tmp_path: Path, phantom: Path) -> None:
-    records = il.insert_lesions(ct_path=phantom / "ct.nii.gz", mask_paths=[phantom / "train" / "a.nii.gz"],
+    records = insert_lesions(ct_path=phantom / "ct.nii.gz", mask_paths=[phantom / "train" / "a.nii.gz"],
                                 out_dir=tmp_path, split="train", seed=3, negatives=2)
     (tmp_path / "val.csv").write_text("path,ich,patient_id\nvolumes/a.pkl,1,x\n")
     assert records == csv_records(tmp_path / "train.csv", tmp_path / "val.csv", tmp_path / "masks")[0]
@@ -250,7 +256,7 @@ def test_api_records_are_the_csv_records(tmp_path: Path, phantom: Path) -> None:
 def test_same_seed_same_bytes_whatever_the_other_masks(tmp_path: Path, phantom: Path) -> None:
     """Each volume depends on the seed and its own name only: a subset run reproduces the full run's files."""
     for name, seed in (("again", 3), ("other", 4)):
-        il.insert_lesions(ct_path=phantom / "ct.nii.gz", mask_paths=[phantom / "train" / "b.nii.gz"],
+        insert_lesions(ct_path=phantom / "ct.nii.gz", mask_paths=[phantom / "train" / "b.nii.gz"],
                           out_dir=tmp_path / name, split="train", seed=seed, negatives=1)
     full, again, other = _digests(phantom / "out"), _digests(tmp_path / "again"), _digests(tmp_path / "other")
     for name in ("volumes/b.pkl", "masks/b.nii.gz", "volumes/train_neg000.pkl", "masks/train_neg000.nii.gz"):
@@ -264,7 +270,7 @@ def test_a_lesion_that_cannot_fit_is_reported_not_written(tmp_path: Path, phanto
     _ellipsoid_mask(tmp_path / "masks" / "huge.nii.gz", axes_mm=(45.0, 50.0, 40.0), spacing=(3.0, 3.0, 6.0),
                     tilt_deg=0.0)
     with caplog.at_level(logging.WARNING, logger="samft.data"):
-        records = il.insert_lesions(ct_path=phantom / "ct.nii.gz", out_dir=tmp_path / "out", split="val", seed=0,
+        records = insert_lesions(ct_path=phantom / "ct.nii.gz", out_dir=tmp_path / "out", split="val", seed=0,
                                     mask_paths=[tmp_path / "masks" / "huge.nii.gz", phantom / "val" / "c.nii.gz"],
                                     negatives=0)
     assert [r["case_id"] for r in records] == ["c"]
@@ -273,29 +279,30 @@ def test_a_lesion_that_cannot_fit_is_reported_not_written(tmp_path: Path, phanto
     assert row["status"] == "skipped" and "does not fit" in row["note"]
     assert not (tmp_path / "out" / "volumes" / "huge.pkl").exists()
     with pytest.raises(UserError, match="no lesion of the 1 train mask"):
-        il.insert_lesions(ct_path=phantom / "ct.nii.gz", mask_paths=[tmp_path / "masks" / "huge.nii.gz"],
+        insert_lesions(ct_path=phantom / "ct.nii.gz", mask_paths=[tmp_path / "masks" / "huge.nii.gz"],
                           out_dir=tmp_path / "out", split="train", seed=0, negatives=0)
 
 
 def test_user_errors(tmp_path: Path, phantom: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ct, a = phantom / "ct.nii.gz", phantom / "train" / "a.nii.gz"
     with pytest.raises(SystemExit) as exit_info:
-        il.main(["--ct", str(tmp_path / "missing.nii.gz"), "--masks", str(phantom / "train"), "--out", str(tmp_path)])
+        synth_main(["--ct", str(tmp_path / "missing.nii.gz"), "--masks", str(phantom / "train"),
+                    "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.nii.gz" in err and err.count("\n") == 1
     with pytest.raises(UserError, match="exists; write into a new --out folder"):
-        il.insert_lesions(ct_path=ct, mask_paths=[a], out_dir=phantom / "out", split="train")
+        insert_lesions(ct_path=ct, mask_paths=[a], out_dir=phantom / "out", split="train")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "train.csv").write_text("path,ich,patient_id\nvolumes/a.pkl,1,a\n")
     with pytest.raises(UserError, match="already in .*train.csv; a mask may be in one split only"):
-        il.insert_lesions(ct_path=ct, mask_paths=[a], out_dir=tmp_path / "x", split="val")
+        insert_lesions(ct_path=ct, mask_paths=[a], out_dir=tmp_path / "x", split="val")
     with pytest.raises(SystemExit):
-        il.main(["--ct", str(ct), "--masks", str(phantom / "train"), "--val-masks", str(phantom / "train"),
+        synth_main(["--ct", str(ct), "--masks", str(phantom / "train"), "--val-masks", str(phantom / "train"),
                  "--out", str(tmp_path / "z")])
     assert "in both --masks and --val-masks" in capsys.readouterr().err
     with pytest.raises(UserError, match="mask names repeat"):
-        il.insert_lesions(ct_path=ct, mask_paths=[a, a], out_dir=tmp_path / "y", split="train")
+        insert_lesions(ct_path=ct, mask_paths=[a, a], out_dir=tmp_path / "y", split="train")
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -310,7 +317,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"real data not found in {SHARED}")
     out = tmp_path_factory.mktemp("real")
     for split, paths in (("train", masks), ("val", val)):
-        il.insert_lesions(ct_path=SHARED / "head_ct.nii.gz", mask_paths=paths, out_dir=out, split=split, seed=0)
+        insert_lesions(ct_path=SHARED / "head_ct.nii.gz", mask_paths=paths, out_dir=out, split=split, seed=0)
     return out
 
 
@@ -328,7 +335,7 @@ def test_real_set_passes_preflight_with_negatives(real: Path) -> None:
 
 @pytest.mark.slow
 def test_real_subset_reproduces_the_same_bytes(real: Path, tmp_path: Path) -> None:
-    il.insert_lesions(ct_path=SHARED / "head_ct.nii.gz", out_dir=tmp_path, split="train", seed=0, negatives=1,
+    insert_lesions(ct_path=SHARED / "head_ct.nii.gz", out_dir=tmp_path, split="train", seed=0, negatives=1,
                       mask_paths=[SHARED / "hemorrhage_masks" / "train" / f"{REAL_TRAIN[0]}.nii.gz"])
     full, subset = _digests(real), _digests(tmp_path)
     for name in (f"volumes/{REAL_TRAIN[0]}.pkl", f"masks/{REAL_TRAIN[0]}.nii.gz", "volumes/train_neg000.pkl"):

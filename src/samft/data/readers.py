@@ -32,6 +32,8 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + PICKLE_SUFFIXES
+"""Suffixes of the volume files samft reads, matched in any case (``.NII.GZ`` too)."""
 DICOM_SUFFIX = ".dcm"
 IMAGE_KEYS = ("image", "img", "volume", "data", "ct")
 """Keys under which a dict-shaped ``.pkl`` may hold its image, tried in this order."""
@@ -99,6 +101,22 @@ def volume_format(path: str | Path) -> str:
     if name.endswith(DICOM_SUFFIX):
         raise UserError(f"{path}: a DICOM file is one slice; pass the folder that holds the series")
     raise UserError(f"{path}: unsupported volume format; use .pkl, .nii, .nii.gz or a DICOM series folder")
+
+
+def volume_stem(path: str | Path) -> str:
+    """A volume's name without its format suffix: the one rule for case ids, mask names and output names.
+
+    A suffix of ``VOLUME_SUFFIXES`` is dropped whatever its case and the rest keeps its own, so
+    ``CT_001.nii.gz`` -> ``CT_001`` and ``ct_001.NII`` -> ``ct_001`` (two different cases, as on the disk). A
+    folder (a DICOM series) keeps its whole name, since series UIDs hold dots; any other file loses its last
+    suffix.
+    """
+    path = Path(path)
+    lowered = path.name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lowered.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name if path.is_dir() else path.stem
 
 
 def read_volume(path: str | Path) -> Volume:

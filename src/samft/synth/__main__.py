@@ -1,0 +1,3 @@
+from samft.synth.cli import main
+
+main()
