@@ -8,6 +8,11 @@ files' size and modification time), ``cache="none"`` recomputes it every epoch.
 Training randomness does not depend on workers or order: the random transforms of sample ``i`` in epoch
 ``e`` are seeded from ``(seed, e, i)`` and the shuffle from ``seed + e``. The epoch advances by one each
 time the train loader is iterated; when resuming call ``train_loader.sampler.set_epoch(epoch)`` first.
+
+Under torch.distributed (``distributed=True``) each rank trains on a fixed shard of the training set (reshuffled
+within the shard every epoch) and preprocesses and caches only that shard; validation scans are cached on a
+rank's first read of them, so each rank keeps only the scans it validates (RAM and preprocessing no longer grow
+with the number of processes).
 """
 
 from __future__ import annotations
@@ -54,14 +59,18 @@ def build_datasets(
     cache_dir: str | Path | None = None,
     cache_workers: int = 1,
     progress: bool = False,
+    train_shard: Sequence[int] | None = None,
 ) -> tuple[Dataset, Dataset]:
     """MONAI datasets of the train and val records with the stage pipelines (``cache`` as in the module doc;
-    ``cache_workers`` threads fill the cache up front, with a progress bar if ``progress``)."""
-    return tuple(  # type: ignore[return-value]
-        _dataset(records, preprocessing, stage=stage, cache=cache, cache_dir=cache_dir, workers=cache_workers,
-                 progress=progress)
-        for stage, records in (("train", train_records), ("val", val_records))
-    )
+    ``cache_workers`` threads fill the cache up front, with a progress bar if ``progress``).
+
+    ``train_shard`` (a DDP rank's training indices): only those train records are preprocessed up front and
+    cached, and the val records are cached when first read, not up front (see the module doc)."""
+    train = _dataset(train_records, preprocessing, stage="train", cache=cache, cache_dir=cache_dir,
+                     workers=cache_workers, progress=progress, owned=train_shard)
+    val = _dataset(val_records, preprocessing, stage="val", cache=cache, cache_dir=cache_dir, workers=cache_workers,
+                   progress=progress, owned=None if train_shard is None else ())
+    return train, val
 
 
 @dataclass(frozen=True)
@@ -92,15 +101,16 @@ def build_dataloaders(
     B x 1 x R0 x R1 x R2 in {0, 1}, ``ich`` float32 B, ``case_id`` list[str], plus meta.
 
     ``num_workers=None`` uses ``default_num_workers()``; workers persist across epochs. With
-    ``distributed=True`` (process group initialised) each rank gets its shard of the training set; every
-    rank sees the whole validation set.
+    ``distributed=True`` (process group initialised) each rank trains on its fixed shard of the training set and
+    preprocesses only that; the validation scans a rank reads are cached on first read.
     """
     workers = default_num_workers() if num_workers is None else num_workers
+    sampler = EpochSampler(len(train_records), seed=seed, distributed=distributed)
     train_ds, val_ds = build_datasets(
         train_records=train_records, val_records=val_records, preprocessing=preprocessing, cache=cache,
         cache_dir=cache_dir, cache_workers=available_cpus(), progress=progress,
+        train_shard=sampler.shard if distributed else None,
     )
-    sampler = EpochSampler(len(train_ds), seed=seed, distributed=distributed)
     common: dict[str, Any] = {
         "batch_size": batch_size, "num_workers": workers, "pin_memory": pin_memory,
         "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed),
@@ -129,24 +139,42 @@ class LesionCrops(torch.utils.data.Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` pairs: a permutation seeded with ``seed + epoch`` (this rank's shard when
-    distributed). Each pass advances the epoch by one; ``set_epoch`` sets the epoch of the next pass."""
+    """Yields ``(index, epoch)`` pairs: a permutation seeded with ``seed + epoch``. Each pass advances the epoch
+    by one; ``set_epoch`` sets the epoch of the next pass.
+
+    distributed: rank r of W owns the fixed shard ``shard`` (every W-th index, from r, of a permutation seeded
+    with ``seed``, padded by wrapping so that all shards are equally long, as DistributedSampler pads), and each
+    epoch permutes it with ``seed + epoch``: the ranks' shards stay disjoint (but for the padding) and cover the
+    set, and a rank reads, hence preprocesses and caches, only its own.
+    """
 
     def __init__(self, size: int, *, seed: int, distributed: bool = False) -> None:
-        replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
-        self._shuffle = DistributedSampler(range(size), shuffle=True, seed=seed, **replicas)
+        self.seed = seed
         self._epoch = 0
+        self._shuffle: DistributedSampler | None = None
+        if not distributed:
+            self._shuffle = DistributedSampler(range(size), shuffle=True, seed=seed, num_replicas=1, rank=0)
+            self.shard = list(range(size))
+            return
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+        per_rank = -(-size // world)
+        padded = (order * -(-per_rank * world // max(size, 1)))[: per_rank * world]
+        self.shard = padded[rank::world]
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
 
     def __len__(self) -> int:
-        return len(self._shuffle)
+        return len(self.shard)
 
     def __iter__(self):
         epoch, self._epoch = self._epoch, self._epoch + 1
-        self._shuffle.set_epoch(epoch)
-        return iter([(index, epoch) for index in self._shuffle])
+        if self._shuffle is not None:
+            self._shuffle.set_epoch(epoch)
+            return iter([(index, epoch) for index in self._shuffle])
+        within = torch.randperm(len(self.shard), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return iter([(self.shard[i], epoch) for i in within.tolist()])
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -178,13 +206,16 @@ class SeededSamples(torch.utils.data.Dataset):
 
 def _dataset(
     records: Sequence[dict], preprocessing: Preprocessing, *, stage: str, cache: str,
-    cache_dir: str | Path | None, workers: int, progress: bool,
+    cache_dir: str | Path | None, workers: int, progress: bool, owned: Sequence[int] | None = None,
 ) -> Dataset:
+    """The stage's dataset; ``owned`` (a DDP rank's share) limits the up-front preprocessing to those indices."""
     transform = preprocessing.transforms(stage)
     data = list(records)
     if cache == "none":
         return Dataset(data, transform)
     if cache == "memory":
+        if owned is not None:
+            return _ShardCacheDataset(data, transform, owned=owned, num_workers=workers, progress=progress)
         return CacheDataset(data, transform, num_workers=workers, progress=progress)
     if cache != "disk":
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
@@ -193,20 +224,45 @@ def _dataset(
     folder = Path(cache_dir).expanduser() / f"{stage}-{_settings_hash(preprocessing)}"
     folder.mkdir(parents=True, exist_ok=True)
     dataset = _SafePersistentDataset(data, transform, cache_dir=folder, hash_func=_record_hash, track_meta=True)
-    _fill_disk_cache(dataset, workers=workers, progress=progress, stage=stage)
+    _fill_disk_cache(dataset, workers=workers, progress=progress, stage=stage, owned=owned)
     return dataset
 
 
-def _fill_disk_cache(dataset: PersistentDataset, *, workers: int, progress: bool, stage: str) -> None:
-    """Preprocess every case not yet on disk, up front (nnU-Net's preprocessing pass), so that the first epoch
-    is not bound by reading and resampling."""
+class _ShardCacheDataset(CacheDataset):
+    """A memory cache holding a DDP rank's share: the ``owned`` records are preprocessed up front (in threads);
+    any other record is preprocessed on its first read and kept (validation scans, read in the main process)."""
+
+    def __init__(self, data: Sequence[dict], transform: Any, *, owned: Sequence[int], num_workers: int,
+                 progress: bool) -> None:
+        self._owned = sorted(set(owned))
+        super().__init__(data, transform, num_workers=num_workers, progress=progress)
+
+    def set_data(self, data: Sequence) -> None:
+        self.data = data
+        self.cache_num = len(data)  # every index has a slot; None until it is computed
+        slots: list[Any] = [None] * len(data)
+        for index, item in zip(self._owned, self._fill_cache(self._owned)):
+            slots[index] = item
+        self._cache = slots
+
+    def cached_indices(self) -> list[int]:
+        """The indices whose preprocessed sample this process holds."""
+        return [i for i, item in enumerate(self._cache) if item is not None]
+
+
+def _fill_disk_cache(
+    dataset: PersistentDataset, *, workers: int, progress: bool, stage: str, owned: Sequence[int] | None = None
+) -> None:
+    """Preprocess every case not yet on disk (only the ``owned`` ones when given), up front (nnU-Net's
+    preprocessing pass), so that the first epoch is not bound by reading and resampling."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     # only the missing entries: reading existing ones from several threads would race on torch's process-wide
     # safe-globals list (a refused read counts as a corrupt file and is recomputed)
-    missing = [i for i, record in enumerate(dataset.data) if not _cache_file(dataset, record).is_file()]
+    wanted = range(len(dataset.data)) if owned is None else sorted(set(owned))
+    missing = [i for i in wanted if not _cache_file(dataset, dataset.data[i]).is_file()]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         done = pool.map(dataset.__getitem__, missing)
         for _ in tqdm(done, total=len(missing), desc=f"preprocess {stage}", disable=not progress or not missing):
