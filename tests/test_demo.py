@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from samft.data import demo
-from samft.data.readers import load_nifti, load_pickle_volume
+from samft.data.readers import load_nifti, read_volume
 from samft.data.sources import csv_records
 from samft.errors import UserError
 
@@ -67,7 +67,7 @@ def test_csv_format_patient_split_and_negative_share(dataset: Path) -> None:
 def test_records_read_safely_with_matching_geometry(dataset: Path) -> None:
     train, val = csv_records(dataset / "train.csv", dataset / "val.csv", dataset / "masks")
     for record in train + val:
-        image, image_affine = load_pickle_volume(record["image"])
+        image, image_affine = read_volume(record["image"])[:2]
         mask, mask_affine = load_nifti(record["label"])
         assert image.dtype == np.int16 and mask.dtype == np.uint8
         assert image.shape == mask.shape == SMALL["shape"]
@@ -109,7 +109,7 @@ def test_bleeds_are_blood_dense_inside_the_brain_with_varied_sizes(dataset: Path
     sizes = []
     train, val = csv_records(dataset / "train.csv", dataset / "val.csv", dataset / "masks")
     for record in (r for r in train + val if r["ich"]):
-        image, affine = load_pickle_volume(record["image"])
+        image, affine = read_volume(record["image"])[:2]
         mask = load_nifti(record["label"])[0] > 0
         hu = image.astype(np.float32)
         assert np.all(_inside_skull(hu)[mask])

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from samft.data import demo
 from samft.data.preflight import preflight
-from samft.data.readers import load_nifti, load_pickle_volume
+from samft.data.readers import load_nifti, read_volume
 from samft.data.sources import csv_records
 from samft.errors import UserError
 from samft.synth import NoiseModel, brain_mask, estimate_noise, insert_lesions, load_scan
@@ -83,7 +83,7 @@ def _check_written(out: Path, ct_path: Path, sources: dict[str, Path]) -> None:
     for stem, source in sources.items():
         row = rows[stem]
         assert row["status"] == "inserted"
-        image, image_affine = load_pickle_volume(out / "volumes" / f"{stem}.pkl")
+        image, image_affine = read_volume(out / "volumes" / f"{stem}.pkl")[:2]
         written, mask_affine = load_nifti(out / "masks" / f"{stem}.nii.gz")
         assert image.dtype == np.int16 and written.dtype == np.uint8
         np.testing.assert_allclose(image_affine, affine)
@@ -239,7 +239,7 @@ def test_phantom_set_passes_preflight_with_negatives(phantom: Path) -> None:
         row = _manifest(out, split)[f"{split}_neg000"]
         shift = (int(row["shift_x"]), int(row["shift_y"]), 0)
         assert max(map(abs, shift)) <= MAX_SHIFT_MM / 1.5
-        negative = load_pickle_volume(out / "volumes" / f"{split}_neg000.pkl")[0].astype(float)
+        negative = read_volume(out / "volumes" / f"{split}_neg000.pkl").array.astype(float)
         brain = shift_volume(brain_mask(ct, (1.5, 1.5, 6.0)), shift, False)
         extra = (negative - shift_volume(ct, shift, ct.min()))[brain]
         assert abs(extra.mean()) < 0.5 and 0.4 * sigma < extra.std() < 0.6 * sigma

@@ -19,8 +19,8 @@ from samft.data.readers import (
     PickleVolumeReader,
     image_reader_for,
     load_nifti,
-    load_pickle_volume,
     read_volume,
+    volume_stem,
 )
 from samft.errors import UserError
 
@@ -60,7 +60,7 @@ class EvalCall:
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_bare_array_reads_with_identity_affine(tmp_path: Path, protocol: int) -> None:
     array = volume()
-    loaded, affine = load_pickle_volume(write_pickle(tmp_path / "a.pkl", array, protocol))
+    loaded, affine = read_volume(write_pickle(tmp_path / "a.pkl", array, protocol))[:2]
     np.testing.assert_array_equal(loaded, array)
     assert loaded.dtype == np.int16
     np.testing.assert_array_equal(affine, np.eye(4))
@@ -71,21 +71,21 @@ def test_bare_array_reads_with_identity_affine(tmp_path: Path, protocol: int) ->
 def test_dict_with_spacing_under_every_image_key(tmp_path: Path, key: str) -> None:
     array = volume()
     path = write_pickle(tmp_path / "a.pkl", {key: array, "spacing": (0.5, np.float64(0.5), 5.0), "id": "x"}, 2)
-    loaded, affine = load_pickle_volume(path)
+    loaded, affine = read_volume(path)[:2]
     np.testing.assert_array_equal(loaded, array)
     np.testing.assert_allclose(affine, np.diag([0.5, 0.5, 5.0, 1.0]))
 
 
 def test_ordered_dict_with_oblique_affine(tmp_path: Path) -> None:
     path = write_pickle(tmp_path / "a.pkl", OrderedDict(volume=volume().astype(np.float32), affine=OBLIQUE.tolist()))
-    loaded, affine = load_pickle_volume(path)
+    loaded, affine = read_volume(path)[:2]
     assert loaded.dtype == np.float32
     np.testing.assert_allclose(affine, OBLIQUE)
     assert read_volume(path).has_geometry
 
 
 def test_singleton_fourth_axis_is_dropped(tmp_path: Path) -> None:
-    loaded, _ = load_pickle_volume(write_pickle(tmp_path / "a.pkl", volume((1, 16, 16, 8))))
+    loaded = read_volume(write_pickle(tmp_path / "a.pkl", volume((1, 16, 16, 8)))).array
     assert loaded.shape == (16, 16, 8)
 
 
@@ -93,7 +93,7 @@ def test_os_system_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = write_pickle(tmp_path / "evil.pkl", {"image": volume(), "spacing": SystemCall(marker)})
     with pytest.raises(UserError, match=r"evil\.pkl: refused to unpickle the global '(posix|nt|os)\.system'"):
-        load_pickle_volume(path)
+        read_volume(path)
     assert not marker.exists()
 
 
@@ -102,14 +102,14 @@ def test_eval_payload_is_refused_and_never_runs(tmp_path: Path, protocol: int) -
     marker = tmp_path / "pwned"
     path = write_pickle(tmp_path / "evil.pkl", EvalCall(marker), protocol)
     with pytest.raises(UserError, match=r"evil\.pkl: .*'(__builtin__|builtins)\.eval'"):
-        load_pickle_volume(path)
+        read_volume(path)
     assert not marker.exists()
 
 
 def test_arbitrary_class_is_refused(tmp_path: Path) -> None:
     path = write_pickle(tmp_path / "obj.pkl", {"image": volume(), "meta": Path("x")})
     with pytest.raises(UserError, match=r"obj\.pkl: refused to unpickle the global 'pathlib\."):
-        load_pickle_volume(path)
+        read_volume(path)
 
 
 def test_malicious_pickle_through_monai_surfaces_the_refusal(tmp_path: Path) -> None:
@@ -133,7 +133,7 @@ def test_malicious_pickle_through_monai_surfaces_the_refusal(tmp_path: Path) -> 
 def test_corrupt_pickle(tmp_path: Path, content: bytes, message: str) -> None:
     (tmp_path / "bad.pkl").write_bytes(content)
     with pytest.raises(UserError, match=rf"bad\.pkl: {message}"):
-        load_pickle_volume(tmp_path / "bad.pkl")
+        read_volume(tmp_path / "bad.pkl")
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_corrupt_pickle(tmp_path: Path, content: bytes, message: str) -> None:
 def test_unusable_content(tmp_path: Path, obj: object, message: str) -> None:
     path = write_pickle(tmp_path / "odd.pkl", obj)
     with pytest.raises(UserError, match=rf"odd\.pkl: .*{message}"):
-        load_pickle_volume(path)
+        read_volume(path)
 
 
 def test_missing_files(tmp_path: Path) -> None:
@@ -160,6 +160,41 @@ def test_missing_files(tmp_path: Path) -> None:
             read_volume(tmp_path / name)
     with pytest.raises(UserError, match=r"scan\.npy: unsupported volume format"):
         read_volume(tmp_path / "scan.npy")
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [("CT_001.nii.gz", "CT_001"), ("ct_001.NII", "ct_001"), ("ct_001.Nii.Gz", "ct_001"), ("scan.v2.nii.gz", "scan.v2"),
+     ("a.PKL", "a"), ("a.pickle", "a"), ("notes.txt", "notes")],
+)
+def test_volume_stem_drops_the_suffix_in_any_case_and_keeps_the_name_as_written(name: str, stem: str) -> None:
+    assert volume_stem(Path("/data") / name) == stem
+
+
+def test_volume_stem_keeps_a_series_folder_whole(tmp_path: Path) -> None:
+    (tmp_path / "1.2.840.113619.2").mkdir()
+    assert volume_stem(tmp_path / "1.2.840.113619.2") == "1.2.840.113619.2"
+
+
+def test_sources_and_predict_name_scans_by_the_same_stem(tmp_path: Path) -> None:
+    """Upper-case suffixes: the folder source finds the scans and their masks, predict lists the same scans,
+    and both name them by ``volume_stem``."""
+    from samft.data.sources import nifti_folder_records
+    from samft.predict import list_inputs, output_stem
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for folder in (images, labels):
+        folder.mkdir()
+        for name, value in (("CT_001.nii.gz", 1), ("ct_002.NII", 0)):
+            nib.save(nib.Nifti1Image(np.full((4, 4, 2), value, dtype=np.uint8), np.eye(4)), folder / name)
+    train, val = nifti_folder_records(images, labels, val_fraction=0.5, seed=0)
+    records = {r["case_id"]: r for r in train + val}
+    assert set(records) == {"CT_001", "ct_002"}
+    assert {r["patient_id"] for r in records.values()} == {"CT_001", "ct_002"}
+    assert Path(records["ct_002"]["label"]).name == "ct_002.NII" and records["ct_002"]["ich"] == 0
+    assert Path(records["CT_001"]["label"]).name == "CT_001.nii.gz" and records["CT_001"]["ich"] == 1
+    scans = list_inputs(images)
+    assert sorted(output_stem(scan, images) for scan in scans) == sorted(records)
 
 
 def test_nifti_keeps_oblique_affine_dtype_and_drops_singleton_axis(tmp_path: Path) -> None:
@@ -214,7 +249,7 @@ def test_pickle_reader_stacks_channels(tmp_path: Path) -> None:
 def test_gzip_of_a_pickle_is_not_unpickled(tmp_path: Path) -> None:
     (tmp_path / "z.pkl").write_bytes(gzip.compress(pickle.dumps(volume())))
     with pytest.raises(UserError, match="cannot read it as a pickle"):
-        load_pickle_volume(tmp_path / "z.pkl")
+        read_volume(tmp_path / "z.pkl")
 
 
 @pytest.fixture
@@ -239,7 +274,7 @@ def test_real_head_ct_keeps_oblique_affine_and_anisotropic_spacing(shared_data: 
     np.testing.assert_allclose(data["image"].affine.numpy(), affine)
 
     repickled = write_pickle(tmp_path / "head.pkl", {"image": array, "affine": affine})
-    again, again_affine = load_pickle_volume(repickled)
+    again, again_affine = read_volume(repickled)[:2]
     np.testing.assert_array_equal(again, array)
     np.testing.assert_array_equal(again_affine, affine)
 

@@ -22,7 +22,6 @@ from samft.config import refuse_unknown_overrides, validate_tool
 from samft.errors import UserError
 
 log = logging.getLogger("samft.predict")
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".pkl", ".pickle")
 OUTPUT_FORMATS = ("nifti", "dicom_seg")
 OUTPUT_SUFFIXES = {"nifti": (".nii", ".nii.gz"), "dicom_seg": (".dcm",)}
 NONFINITE_POLICIES = ("refuse", "zero")
@@ -88,18 +87,11 @@ class Job:
     points: list[list[float]] | None
 
 
-def scan_stem(path: Path) -> str:
-    name = path.name
-    for suffix in SCAN_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name if path.is_dir() else path.stem  # a DICOM series folder keeps its whole name (UIDs hold dots)
-
-
 def list_inputs(source: Path) -> list[Path]:
     """The scans named by `input`: one file or DICOM series folder; the scan files in a folder and every DICOM
     series folder under it (at any depth: patient/study/series layouts); or the `path` column of a CSV."""
     from samft.data.dicom import is_series_folder
+    from samft.data.readers import VOLUME_SUFFIXES
 
     if source.suffix.lower() == ".csv":
         from samft.data.sources import _read_csv
@@ -114,7 +106,7 @@ def list_inputs(source: Path) -> list[Path]:
     if is_series_folder(source):
         return [source]
     if source.is_dir():
-        scans = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(SCAN_SUFFIXES))
+        scans = sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
         scans += sorted(Path(folder) for folder, _, _ in os.walk(source) if is_series_folder(folder))
         if not scans:
             raise UserError(
@@ -129,9 +121,11 @@ def list_inputs(source: Path) -> list[Path]:
 def output_stem(scan: Path, source: Path) -> str:
     """The output name of a scan: its stem; a series folder found under the input folder is named by its path
     there (`patient1/study/CT` -> `patient1_study_CT`), so equally named series of different patients differ."""
+    from samft.data.readers import volume_stem
+
     if scan.is_dir() and source.is_dir() and scan != source and scan.is_relative_to(source):
         return "_".join(scan.relative_to(source).parts)
-    return scan_stem(scan)
+    return volume_stem(scan)
 
 
 def plan_jobs(

@@ -133,16 +133,6 @@ def read_volume(path: str | Path) -> Volume:
     return Volume(array, affine, True)
 
 
-def load_pickle_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a ``.pkl`` volume safely: ``(X x Y x Z array, 4 x 4 affine)``.
-
-    Accepted forms: a numpy array; a dict with the array under one of ``IMAGE_KEYS`` and optionally
-    ``"affine"`` (4 x 4) or ``"spacing"`` (3 positive mm values). Without either the affine is the identity.
-    """
-    volume = _read_pickle(Path(path))
-    return volume.array, volume.affine
-
-
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read NIfTI with nibabel: ``(X x Y x Z array, scaling applied; 4 x 4 affine from the header)``."""
     path = Path(path)
@@ -158,6 +148,9 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_pickle(path: Path) -> Volume:
+    """Read a ``.pkl`` volume safely. Accepted forms: a numpy array; a dict with the array under one of
+    ``IMAGE_KEYS`` and optionally ``"affine"`` (4 x 4) or ``"spacing"`` (3 positive mm values). Without either
+    the affine is the identity and ``has_geometry`` is False."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from samft.data.readers import NIFTI_SUFFIXES, read_volume
+from samft.data.readers import NIFTI_SUFFIXES, read_volume, volume_stem
 from samft.errors import UserError
 
 CSV_COLUMNS = ("path", "ich", "patient_id")
@@ -62,7 +62,7 @@ def _csv_split(csv_path: Path, mask_dir: Path) -> list[dict]:
             problems.append(f"{origin}: " + "; ".join(b for b in bad if b))
             continue
         image = Path(path) if Path(path).is_absolute() else csv_path.parent / path
-        stem = _stem(image)
+        stem = volume_stem(image)
         masks = _existing_masks(mask_dir, stem)
         if len(masks) > 1:
             problems.append(f"{origin}: both {masks[0]} and {masks[1]} exist; keep one")
@@ -100,7 +100,7 @@ def ct_ich_records(
 
     records, problems = [], []
     for scan in _nifti_files(scan_dir):
-        stem = _stem(scan)
+        stem = volume_stem(scan)
         if not stem.isdigit():
             problems.append(f"{scan}: expected a numeric name like 049.nii")
             continue
@@ -142,13 +142,13 @@ def nifti_folder_records(
         raise UserError(f"data.image_dir {image_dir} holds no .nii or .nii.gz files")
     labels = []
     for image in images:
-        stem = _stem(image)
+        stem = volume_stem(image)
         labels.append(Path(_label(_existing_masks(label_dir, stem), label_dir, stem, ich=1)))
     with ThreadPoolExecutor(max_workers=4) as pool:
         positive = list(pool.map(_has_foreground, labels))
     records = [
-        {"image": str(image), "label": str(label), "ich": int(pos), "patient_id": _stem(image),
-         "case_id": _stem(image), "origin": str(image)}
+        {"image": str(image), "label": str(label), "ich": int(pos), "patient_id": volume_stem(image),
+         "case_id": volume_stem(image), "origin": str(image)}
         for image, label, pos in zip(images, labels, positive)
     ]
     return split_records(records, val_fraction=val_fraction, seed=seed, split_file=split_file)
@@ -254,16 +254,11 @@ def _binary(value: str) -> int | None:
     return int(number) if number in (0.0, 1.0) else None
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".pkl", ".pickle"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name if path.is_dir() else path.stem  # a DICOM series folder keeps its whole name (UIDs hold dots)
-
-
 def _existing_masks(folder: Path, stem: str) -> list[Path]:
-    return [folder / f"{stem}{suffix}" for suffix in NIFTI_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
+    """The mask files ``{stem}.nii`` and ``{stem}.nii.gz`` in ``folder``, their suffix in lower or upper case."""
+    names = [f"{stem}{suffix}" for suffix in NIFTI_SUFFIXES]
+    names += [f"{stem}{suffix.upper()}" for suffix in NIFTI_SUFFIXES]
+    return [folder / name for name in dict.fromkeys(names) if (folder / name).is_file()]
 
 
 def _label(masks: list[Path], folder: Path, stem: str, ich: int) -> str | None:
