@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import MISSING, DictConfig
 
+from samft.choices import NONFINITE_POLICIES
 from samft.cli import exit_on_user_error, run_entry
-from samft.config import validate_tool
+from samft.config import ScanToolConfig, validate_tool
 from samft.errors import UserError
-from samft.predict import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES, checked_entry
+from samft.predict import checked_entry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +29,7 @@ log = logging.getLogger("samft.baseline")
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(ScanToolConfig):
     """`conf/baseline.yaml`'s keys (see there)."""
 
     input: str = MISSING
@@ -38,8 +39,6 @@ class BaselineConfig:
     min_component_ml: float = 0.1
     bone_hu: float = 300.0
     erode_mm: float = 3.0
-    nonfinite: str = "refuse"
-    max_voxels: int = DEFAULT_MAX_VOXELS
 
 
 def axial_axis(affine: np.ndarray) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from samft.choices import CHOICES, DEFAULT_MAX_VOXELS, LOGGER_TRACKERS, RANGES, Bound, describe, within
 from samft.errors import UserError
 
 
@@ -129,10 +130,28 @@ class LoggerConfig:
     log_freq: int = 5
 
 
-# The trackers `logger=<name>` selects alone and `logger=many logger.loggers=[...]` combines.
-LOGGER_TRACKERS = ("wandb", "tensorboard", "mlflow", "csv")
 # The config groups of conf/train.yaml's defaults list.
 CONFIG_GROUPS = ("data", "model", "optim", "scheduler", "hardware", "logger", "experiment", "hparams_search")
+
+
+@dataclass
+class ScanToolConfig:
+    """The keys of every tool that reads scans (`conf/predict.yaml`, `evaluate.yaml`, `baseline.yaml`)."""
+
+    nonfinite: str = "refuse"
+    max_voxels: int = DEFAULT_MAX_VOXELS
+
+
+@dataclass
+class ModelToolConfig(ScanToolConfig):
+    """The keys of the tools that run a trained model on scans (`samft.predict`, `samft.evaluate`)."""
+
+    points: str | None = None
+    threshold: float = 0.5
+    postprocess: bool = True
+    overlap: float = 0.25
+    sw_batch_size: int = 1
+    device: str = "auto"
 
 
 @dataclass
@@ -169,69 +188,6 @@ class TrainConfig:
     stop_after_epoch: int | None = None
     oom_policy: str = "skip"
     max_consecutive_failures: int = 5
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("demo", "csv", "ct_ich", "nifti"),
-    "data.intensity": ("window", "nnunet"),
-    "data.cache": ("none", "memory", "disk"),
-    "data.on_bad_sample": ("error", "skip"),
-    "model.name": ("sam_med3d", "sam_med3d_tiny", "unet"),
-    "model.prompt_mode": ("click", "auto", "both"),
-    "optim.name": ("adamw",),
-    "scheduler.name": ("plateau", "cosine", "poly", "step"),
-    "model.unet.norm": ("instance", "batch"),
-    "hardware.device": ("cpu", "cuda", "auto"),
-    "hardware.precision": ("fp32", "bf16", "fp16"),
-    "hardware.backend": ("auto", "nccl", "gloo"),
-    "logger.name": ("none", *LOGGER_TRACKERS, "many"),
-    "logger.mode": ("online", "offline", "disabled"),
-    "trial.pruner": ("none", "median", "hyperband"),
-    "oom_policy": ("skip", "halve"),
-}
-
-# key -> (lowest allowed, highest allowed, whether the lowest is excluded)
-RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "data.batch_size": (1, None, False),
-    "data.demo_patients": (3, None, False),
-    "data.val_fraction": (0.0, 1.0, True),
-    "data.fg_oversample": (0.0, 1.0, False),
-    "data.aug_prob": (0.0, 1.0, False),
-    "data.affine_prob": (0.0, 1.0, False),
-    "data.window_width": (0.0, None, True),
-    "model.visual_tokens": (1, None, False),
-    "model.ich_loss_weight": (0.0, None, False),
-    "model.lesion_pos_weight": (0.0, None, True),
-    "model.train_clicks": (1, None, False),
-    "optim.lr": (0.0, 1.0, True),
-    "optim.weight_decay": (0.0, None, False),
-    "optim.grad_accum_steps": (1, None, False),
-    "optim.max_grad_norm": (0.0, None, True),
-    "optim.encoder_lr_mult": (0.0, None, False),
-    "scheduler.factor": (0.0, 1.0, True),
-    "scheduler.plateau_patience": (0, None, False),
-    "scheduler.warmup_epochs": (0, None, False),
-    "scheduler.min_lr": (0.0, None, False),
-    "scheduler.step_size": (1, None, False),
-    "scheduler.gamma": (0.0, 1.0, True),
-    "hardware.num_workers": (0, None, False),
-    "hardware.cpu_threads": (1, None, False),
-    "val_scans": (1, None, False),
-    "val_overlap": (0.0, 1.0, False),
-    "scheduler.exponent": (0.0, None, True),
-    "model.unet.num_res_units": (0, None, False),
-    "hardware.nproc_per_node": (1, None, False),
-    "hardware.timeout_min": (0.0, None, True),
-    "logger.log_freq": (1, None, False),
-    "epochs": (1, None, False),
-    "patience": (1, None, False),
-    "min_delta": (0.0, None, False),
-    "val_every": (1, None, False),
-    "max_steps_per_epoch": (1, None, False),
-    "stop_after_epoch": (1, None, False),
-    "max_consecutive_failures": (1, None, False),
-    "seed": (0, 2**32 - 1, False),
-}
 
 
 def schema_keys(section: str, schema: type = TrainConfig) -> list[str]:
@@ -411,22 +367,16 @@ def risky_settings(cfg: DictConfig) -> list[str]:
     return warnings
 
 
-def _check_bounds(cfg: DictConfig, ranges: dict[str, tuple[float | None, float | None, bool]]) -> None:
-    for key, (low, high, low_open) in ranges.items():
+def _check_bounds(cfg: DictConfig, ranges: dict[str, Bound]) -> None:
+    for key, bound in ranges.items():
         value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and value > high
-        if too_low or too_high:
-            lower = f"> {low}" if low_open else f">= {low}"
-            bound = lower if high is None else f"{lower} and <= {high}"
-            raise UserError(f"config key '{key}' is {value}; it must be {bound}")
+        if value is not None and not within(value, bound):
+            raise UserError(f"config key '{key}' is {value}; it must be {describe(bound)}")
 
 
 def validate_tool(
     cfg: DictConfig, schema: type, *, tool: str, choices: dict[str, tuple[str, ...]] | None = None,
-    ranges: dict[str, tuple[float | None, float | None, bool]] | None = None,
+    ranges: dict[str, Bound] | None = None,
 ) -> DictConfig:
     """The config of `python -m samft.<tool>` merged into its dataclass `schema`, with every float finite,
     mandatory keys given, and `choices` and `ranges` checked. Raises UserError with one line naming the key."""

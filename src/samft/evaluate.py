@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import MISSING, DictConfig
 
+from samft.choices import DEFAULT_MAX_VOXELS
 from samft.cli import exit_on_user_error, run_entry
+from samft.config import ModelToolConfig
 from samft.errors import UserError
-from samft.predict import DEFAULT_MAX_VOXELS, check_model_tool, checked_entry
+from samft.predict import check_model_tool, checked_entry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,7 +36,7 @@ GRID_ATOL_MM = 1e-3
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(ModelToolConfig):
     """`conf/evaluate.yaml`'s keys (see there)."""
 
     ckpt: str | None = None
@@ -42,15 +44,7 @@ class EvaluateConfig:
     input: str | None = None
     mask_dir: str | None = None
     output: str = MISSING
-    points: str | None = None
     click_from_label: bool = False
-    threshold: float = 0.5
-    postprocess: bool = True
-    overlap: float = 0.25
-    sw_batch_size: int = 1
-    device: str = "auto"
-    nonfinite: str = "refuse"
-    max_voxels: int = DEFAULT_MAX_VOXELS
 
 
 @dataclass(frozen=True)

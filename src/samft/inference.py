@@ -16,13 +16,14 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.utils import MetaKeys, SpaceKeys
 
+from samft.choices import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES
 from samft.data.readers import Volume, read_volume
 from samft.data.transforms import LoadCased, Preprocessing
 from samft.engine.checkpoint import load_checkpoint
 from samft.errors import UserError
 from samft.model import build_model_from_config
 from samft.postprocess import load_min_component_ml, remove_small_components
-from samft.predict import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES, valid_clicks
+from samft.predict import valid_clicks
 from samft.segmentation import clicks_to_grid, scan_logits, to_scan_grid
 
 log = logging.getLogger("samft.inference")

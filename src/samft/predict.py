@@ -17,37 +17,26 @@ from typing import Any
 import hydra
 from omegaconf import MISSING, DictConfig
 
+from samft.choices import NONFINITE_POLICIES
 from samft.cli import exit_on_user_error, run_entry
-from samft.config import refuse_unknown_overrides, validate_tool
+from samft.config import ModelToolConfig, refuse_unknown_overrides, validate_tool
 from samft.errors import UserError
 
 log = logging.getLogger("samft.predict")
 OUTPUT_FORMATS = ("nifti", "dicom_seg")
 OUTPUT_SUFFIXES = {"nifti": (".nii", ".nii.gz"), "dicom_seg": (".dcm",)}
-NONFINITE_POLICIES = ("refuse", "zero")
-DEFAULT_MAX_VOXELS = 400_000_000
-"""A scan's voxels (declared in its header, and on the resampled grid) above which predict refuses it: 1.6 GB
-as float32, about a 512 x 512 x 1500 CT."""
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(ModelToolConfig):
     """`conf/predict.yaml`'s keys (see there)."""
 
     ckpt: str = MISSING
     input: str = MISSING
     output: str = MISSING
     output_format: str = "nifti"
-    points: str | None = None
     probabilities: bool = False
-    threshold: float = 0.5
-    postprocess: bool = True
-    overlap: float = 0.25
-    sw_batch_size: int = 1
-    device: str = "auto"
-    nonfinite: str = "refuse"
-    max_voxels: int = DEFAULT_MAX_VOXELS
 
 
 # the keys every tool that runs a model (predict, evaluate) checks the same way

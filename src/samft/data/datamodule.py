@@ -32,10 +32,9 @@ from monai.data.utils import pickle_hashing
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 from torch.utils.data import DistributedSampler, Sampler
 
+from samft.choices import CACHES
 from samft.data.transforms import Preprocessing, crop_around_label
 from samft.errors import UserError
-
-CACHES = ("none", "memory", "disk")
 
 
 def available_cpus() -> int:

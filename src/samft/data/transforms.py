@@ -48,13 +48,13 @@ from monai.transforms import (
 )
 from monai.utils import MetaKeys
 
+from samft.choices import INTENSITIES
 from samft.data.preflight import GEOMETRY_ATOL_MM
 from samft.data.readers import image_reader_for
 from samft.errors import UserError
 
 Stage = Literal["train", "val", "predict"]
 STAGES = ("train", "val", "predict")
-INTENSITIES = ("window", "nnunet")
 AUG_ROTATION_DEG = 10.0
 AUG_SCALE = 0.1
 AUG_INTENSITY_SCALE = 0.1

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau, StepLR
 
-SCHEDULERS = ("plateau", "cosine", "poly", "step")
+from samft.choices import SCHEDULERS
 
 
 def build_optimizer(

@@ -1,12 +1,21 @@
-"""The typed settings of a training run, built by train.py from the config."""
+"""The typed settings of a training run, built by `samft.builders.train_settings` from the validated config."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-PROMPT_MODES = ("click", "auto", "both")
-OOM_POLICIES = ("skip", "halve")
+from samft.choices import CHOICES, RANGES, describe, within
+
+# TrainSettings field -> the config key whose allowed values (samft.choices) it obeys
+_CHOICE_KEYS = {"precision": "hardware.precision", "prompt_mode": "model.prompt_mode", "oom_policy": "oom_policy"}
+_RANGE_KEYS = {
+    "epochs": "epochs", "patience": "patience", "min_delta": "min_delta", "val_every": "val_every",
+    "grad_accum_steps": "optim.grad_accum_steps", "max_grad_norm": "optim.max_grad_norm",
+    "ich_loss_weight": "model.ich_loss_weight", "lesion_pos_weight": "model.lesion_pos_weight",
+    "max_consecutive_failures": "max_consecutive_failures", "max_steps_per_epoch": "max_steps_per_epoch",
+    "stop_after_epoch": "stop_after_epoch", "log_freq": "logger.log_freq",
+}
+_OPTIONAL = {"max_grad_norm", "max_steps_per_epoch", "stop_after_epoch"}  # None switches them off
 
 
 @dataclass(frozen=True)
@@ -47,26 +56,18 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs >= 1": self.epochs >= 1,
-            "patience >= 1": self.patience >= 1,
-            "min_delta >= 0": self.min_delta >= 0,
-            "val_every >= 1": self.val_every >= 1,
-            "grad_accum_steps >= 1": self.grad_accum_steps >= 1,
-            "max_grad_norm > 0 or None": self.max_grad_norm is None or self.max_grad_norm > 0,
-            f"precision in {PRECISIONS}": self.precision in PRECISIONS,
-            f"prompt_mode in {PROMPT_MODES}": self.prompt_mode in PROMPT_MODES,
+            f"{name} in {CHOICES[key]}": getattr(self, name) in CHOICES[key] for name, key in _CHOICE_KEYS.items()
+        }
+        for name, key in _RANGE_KEYS.items():
+            value, optional = getattr(self, name), name in _OPTIONAL
+            rule = f"{name} {describe(RANGES[key])}" + (" or None" if optional else "")
+            checks[rule] = optional if value is None else within(value, RANGES[key])
+        checks.update({
             "train_clicks >= 1 in click mode": self.prompt_mode == "auto" or self.train_clicks >= 1,
             "val_clicks non-empty, each >= 1 in click mode": bool(self.val_clicks)
             and (self.prompt_mode == "auto" or min(self.val_clicks) >= 1),
-            "ich_loss_weight >= 0": self.ich_loss_weight >= 0,
-            "lesion_pos_weight > 0": self.lesion_pos_weight > 0,
-            f"oom_policy in {OOM_POLICIES}": self.oom_policy in OOM_POLICIES,
-            "max_consecutive_failures >= 1": self.max_consecutive_failures >= 1,
-            "max_steps_per_epoch >= 1 or None": self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
-            "stop_after_epoch >= 1 or None": self.stop_after_epoch is None or self.stop_after_epoch >= 1,
-            "log_freq >= 1": self.log_freq >= 1,
             "three positive spacing values": len(self.spacing) == 3 and min(self.spacing) > 0,
-        }
+        })
         failed = [rule for rule, ok in checks.items() if not ok]
         if failed:
             raise ValueError(f"TrainSettings: need {'; '.join(failed)}")

@@ -7,6 +7,8 @@ from typing import Any
 
 import optuna
 
+from samft.choices import PRUNERS
+
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
     """median: stop a trial whose value is below the median of earlier trials at the same epoch;
@@ -17,7 +19,7 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=1)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ValueError(f"unknown pruner {name!r}; use median, hyperband or none")
+    raise ValueError(f"unknown pruner {name!r}; use one of {', '.join(PRUNERS)}")
 
 
 class TrialReporter:
