@@ -267,10 +267,14 @@ class Trainer:
 
         Each micro-batch loss (a mean over its samples) is weighted by its share of the window's samples, so the
         update equals one over the whole window as a single batch, also for unequal or split micro-batches.
+
+        The window's loss stays on the device until its end: reading it (a host sync that stalls a GPU's queue) once
+        per optimiser step, where the progress bar and the epoch's loss need it, decides a non-finite window too.
         """
         total = sum(batch_size(b) for b in window)
         pending = [(batch, batch_size(batch) / total) for batch in window]
-        window_loss = 0.0
+        # float64, summed in order: the same number as a sum of Python floats
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         while pending:
             batch, weight = pending.pop(0)
             result = self._micro_step(batch, weight, sync=not pending)
@@ -296,7 +300,13 @@ class Trainer:
                 log.warning("step %d: %s; skipping this optimiser step", self.global_step, result.kind)
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
-            window_loss += result
+            window_loss += result.double()
+        loss = window_loss.item()
+        if not math.isfinite(loss):  # one process: its backward ran on the non-finite loss; nothing is applied
+            self.events["nonfinite_loss"] += 1
+            log.warning("step %d: nonfinite_loss; skipping this optimiser step", self.global_step)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.scaler.unscale_(self.optimizer)
         if self.settings.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
@@ -308,10 +318,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.schedule.interval == "step":
             self.schedule.scheduler.step()
-        return window_loss
+        return loss
 
-    def _micro_step(self, batch: dict[str, Any], weight: float, *, sync: bool) -> float | Failure:
-        """Forward and backward of one micro-batch; returns its weighted loss or what went wrong.
+    def _micro_step(self, batch: dict[str, Any], weight: float, *, sync: bool) -> torch.Tensor | Failure:
+        """Forward and backward of one micro-batch; returns its weighted loss (a detached scalar on the device) or
+        what went wrong. One process checks the loss for NaN/Inf once per window (`_train_window`), not here.
 
         With several ranks, all agree before each backward whether every forward succeeded, so a failure on one
         rank skips the window on all (none is left waiting in the gradient all-reduce of the last micro-step).
@@ -336,8 +347,9 @@ class Trainer:
             except torch.OutOfMemoryError:
                 failure = Failure("oom", splittable=self.world_size == 1)
             else:
-                value = loss.item()
-                if not math.isfinite(value):
+                # several ranks agree below before each backward (a host sync anyway), so a non-finite loss is
+                # caught here and never all-reduced
+                if self.world_size > 1 and not math.isfinite(loss.item()):
                     failure = Failure("nonfinite_loss")
             if self.world_size > 1 and distributed.any_rank(failure is not None) and failure is None:
                 failure = Failure(PEER_FAILURE)
@@ -351,7 +363,7 @@ class Trainer:
                         raise
                     distributed.any_rank(True)
                 return Failure("oom")
-        return value
+        return loss.detach()
 
     # ---------------------------------------------------------------- end of an epoch
     def _end_epoch(self, epoch: int, progress: Progress) -> str | None:
