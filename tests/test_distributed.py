@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.standin import TinySegmenter, assert_params_close, make_cases, params, settings
 from omegaconf import OmegaConf
-from test_engine_standin import TinySegmenter, assert_params_close, make_cases, params, settings
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_engine_standin import TinySegmenter, assert_params_close, make_trainer, params, settings
+from helpers.standin import TinySegmenter, assert_params_close, make_trainer, params, settings
 from torch.nn.parallel import DistributedDataParallel
 
 from samft.engine import LATEST, load_checkpoint

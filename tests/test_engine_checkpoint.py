@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine_standin import make_trainer, settings
+from helpers.standin import make_trainer, settings
 
 from samft.engine import LATEST, load_checkpoint, save_checkpoint
 from samft.engine.checkpoint import FORMAT, capture_rng, copy_checkpoint, restore_rng

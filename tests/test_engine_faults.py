@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from test_engine_standin import assert_params_close, make_trainer, params, settings
+from helpers.standin import assert_params_close, make_trainer, params, settings
 
 from samft.engine import LATEST, SUMMARY, load_checkpoint
 

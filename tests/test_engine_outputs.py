@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from test_engine_standin import make_trainer, settings
+from helpers.standin import make_trainer, settings
 
 from samft.engine import CURVES, SUMMARY, TrainSettings, system_check
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine_standin import assert_params_close, make_trainer, params, settings
+from helpers.standin import assert_params_close, make_trainer, params, settings
 
 from samft.engine import LATEST, load_checkpoint
 from samft.engine.interrupts import GracefulInterrupt

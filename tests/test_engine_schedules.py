@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_standin import make_trainer, settings
+from helpers.standin import make_trainer, settings
 
 from samft.engine import BEST, ValidationResult, build_scheduler, load_checkpoint, updates_per_epoch
 

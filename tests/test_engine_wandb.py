@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import wandb  # noqa: F401  (a declared dependency: a broken install fails, not skips)
-from test_engine_standin import make_trainer, settings
+from helpers.standin import make_trainer, settings
 
 from samft.engine import LATEST, WandbLogger, load_checkpoint
 

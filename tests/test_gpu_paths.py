@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine_standin import make_trainer, settings
+from helpers.standin import make_trainer, settings
 
 SAMFT = Path(__import__("samft").__file__).parent
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "cpu", "numpy")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.standin import make_trainer, settings
 from test_benchmarks_smoke import load
 from test_distributed import SMOKE_DDP
-from test_engine_standin import make_trainer, settings
 
 from samft import distributed
 from samft.devices import resolve_device

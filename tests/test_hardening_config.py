@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from hardening_helpers import run_cli
+from helpers.hardening import run_cli
 from omegaconf import OmegaConf
 
 from samft.config import TrainConfig, validate
@@ -164,7 +164,7 @@ def test_insert_lesions_out_under_a_file_is_one_line(tmp_path: Path, capsys) -> 
 
 def test_baseline_options_and_nan_scans(tmp_path: Path, capsys) -> None:
     import numpy as np
-    from hardening_helpers import scan, tool_config, write_nifti
+    from helpers.hardening import scan, tool_config, write_nifti
 
     from samft.baseline import BaselineConfig, run_baseline
     from samft.config import refuse_unknown_overrides

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hardening_helpers import AFFINE, run_cli, scan, tool_config, unet_checkpoint, write_nifti
+from helpers.hardening import AFFINE, run_cli, scan, tool_config, unet_checkpoint, write_nifti
 
 from samft.errors import UserError
 from samft.evaluate import evaluate_cases

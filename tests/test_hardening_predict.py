@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hardening_helpers import run_cli, scan, tool_config, unet_checkpoint, write_nifti
+from helpers.hardening import run_cli, scan, tool_config, unet_checkpoint, write_nifti
 
 from samft.config import refuse_unknown_overrides
 from samft.errors import UserError

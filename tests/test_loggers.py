@@ -14,9 +14,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers.standin import make_trainer, settings
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_engine_standin import make_trainer, settings
 
 from samft.builders import build_logger
 from samft.config import refuse_list_selection, validate

@@ -82,7 +82,7 @@ def test_good_data_passes(good: tuple[list[dict], list[dict]]) -> None:
     assert stats["n_samples"] == 3 and stats["n_positive"] == 1
     assert report.stats()["n_samples"] == 4
     assert stats["lesion_volume_ml"]["max"] == pytest.approx(8 * 0.5 * 0.5 * 5.0 / 1000)
-    json.dumps(report.to_json())
+    json.dumps([report.skipped, report.warnings])  # both go into summary.json
 
 
 def bad_case(tmp_path: Path, kind: str) -> tuple[dict, str]:
@@ -176,7 +176,7 @@ def test_each_bad_sample_is_listed_in_skip_mode(
     assert re.search(expected, report.skipped[0]["reason"])
     assert report.lines()[0].startswith("skipped train sample train.csv line b: ")
     assert "b" not in report.cases
-    json.dumps(report.to_json())
+    json.dumps([report.skipped, report.warnings])  # both go into summary.json
 
 
 def test_every_problem_is_listed(tmp_path: Path, good: tuple[list[dict], list[dict]]) -> None:
@@ -282,4 +282,24 @@ def test_through_csv_rows_names_the_line(tmp_path: Path) -> None:
 
 def test_report_is_a_dataclass_with_defaults() -> None:
     report = PreflightReport(train=[], val=[])
-    assert report.to_json() == {"n_train": 0, "n_val": 0, "skipped": [], "warnings": []}
+    assert report.skipped == [] and report.warnings == [] and report.cases == {} and report.lines() == []
+
+
+def test_the_run_logs_the_reports_lines(tmp_path: Path, good: tuple[list[dict], list[dict]],
+                                        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`records.load_records` (what a training run calls) logs the skipped samples and warnings as
+    `PreflightReport.lines` words them, and hands them on for summary.json."""
+    import logging
+    from types import SimpleNamespace
+
+    from samft.data import records
+
+    train, val = good
+    bad, _ = bad_case(tmp_path, "missing image")
+    monkeypatch.setattr(records, "source_records", lambda data, seed: ([*train, bad], val))
+    with caplog.at_level(logging.WARNING, logger="samft.data"):
+        bundle = records.load_records(SimpleNamespace(on_bad_sample="skip"), seed=0, run_dir=tmp_path)
+    report = preflight([*train, bad], val, on_bad_sample="skip")
+    logged = [r.getMessage() for r in caplog.records if r.name == "samft.data" and r.levelno == logging.WARNING]
+    assert logged == report.lines() and logged[0].startswith("skipped train sample train.csv line b: ")
+    assert bundle.skipped == report.skipped and bundle.warnings == report.warnings

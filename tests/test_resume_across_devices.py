@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_standin import make_trainer, settings
+from helpers.standin import make_trainer, settings
 
 from samft.engine import LATEST, load_checkpoint, save_checkpoint
 from samft.engine.checkpoint import capture_rng, restore_rng

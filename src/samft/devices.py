@@ -1,8 +1,10 @@
-"""The one rule for turning a device setting (auto | cpu | cuda) into a torch device."""
+"""The one rule for turning a device setting (auto | cpu | cuda) into a torch device, and the CPUs this process may
+use."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -16,6 +18,14 @@ def resolve_device(name: str, *, key: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key}=cuda but no CUDA GPU is visible; use {key}=cpu")
     return torch.device(name)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a container or `taskset` grants), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def set_cpu_threads(requested: int | None, *, usable_cpus: int, num_workers: int, processes: int = 1) -> int:

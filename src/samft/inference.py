@@ -16,9 +16,10 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.utils import MetaKeys, SpaceKeys
 
+from samft.builders import preprocessing
 from samft.choices import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES
 from samft.data.readers import Volume, read_volume
-from samft.data.transforms import LoadCased, Preprocessing
+from samft.data.transforms import LoadCased
 from samft.engine.checkpoint import load_checkpoint
 from samft.errors import UserError
 from samft.model import build_model_from_config
@@ -69,7 +70,7 @@ class Predictor:
             self.model = build_model_from_config(model_cfg, with_checkpoint=False)
             self.model.load_state_dict(state["model"])
             norm_stats = _train_norm_stats(ckpt.parent) if data_cfg["intensity"] == "nnunet" else None
-            self.preprocessing = Preprocessing.from_config(data_cfg, norm_stats)
+            self.preprocessing = preprocessing(data_cfg, norm_stats)
             self.transforms: Compose = self.preprocessing.transforms("predict")
         except UserError:
             raise

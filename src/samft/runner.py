@@ -79,9 +79,9 @@ def _train_spawned(resolved: dict, run_dir: str) -> float:
 def train_in(cfg: DictConfig, run_dir: Path) -> float:
     """This process's part of a run (the whole run without a process group); see `train_at`."""
     from samft.builders import build_logger, optimizer_and_scheduler, preprocessing, train_settings
-    from samft.data.datamodule import available_cpus, build_dataloaders, default_num_workers
+    from samft.data.datamodule import build_dataloaders, default_num_workers
     from samft.data.records import load_records
-    from samft.devices import set_cpu_threads
+    from samft.devices import available_cpus, set_cpu_threads
     from samft.engine import Trainer, system_check
     from samft.engine.validation import ScanValidation
     from samft.model import build_model_from_config
@@ -125,16 +125,13 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
     extra = {**provenance(cfg.seed), "cpu_threads": threads, "loader_workers": workers,
              "skipped_samples": data.skipped, "data_warnings": data.warnings}
     wrapped = distributed.wrap_model(model, device=device, find_unused_parameters=model.has_unused_parameters)
-    try:
-        trainer = Trainer(
-            model=wrapped, optimizer=optimizer, scheduler=scheduler, train_loader=loaders.train,
-            val_loader=loaders.val, settings=settings, run_dir=run_dir, logger=logger,
-            resolved_config=resolved, extra_summary=extra, epoch_callback=_pruning_callback(cfg) if main else None,
-            scan_validation=scan_validation,
-        )
-        summary = trainer.fit(resume_from=resume_from)
-    finally:
-        logger.close()
+    trainer = Trainer(
+        model=wrapped, optimizer=optimizer, scheduler=scheduler, train_loader=loaders.train,
+        val_loader=loaders.val, settings=settings, run_dir=run_dir, logger=logger,
+        resolved_config=resolved, extra_summary=extra, epoch_callback=_pruning_callback(cfg) if main else None,
+        scan_validation=scan_validation,
+    )
+    summary = trainer.fit(resume_from=resume_from)  # starts the logger and closes it, also on failure
     if main:
         _finish(cfg, model, run_dir, summary, scan_validation=scan_validation, device=device)
     objective = summary["best_metric"]

@@ -34,14 +34,8 @@ from torch.utils.data import DistributedSampler, Sampler
 
 from samft.choices import CACHES
 from samft.data.transforms import Preprocessing, crop_around_label
+from samft.devices import available_cpus
 from samft.errors import UserError
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def default_num_workers() -> int:

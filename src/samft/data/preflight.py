@@ -21,6 +21,7 @@ import numpy as np
 
 from samft.data.readers import Volume, read_volume
 from samft.data.stats import case_summary, summarize_cases, voxel_spacing
+from samft.devices import available_cpus
 from samft.errors import UserError
 
 GEOMETRY_ATOL_MM = 1e-2
@@ -44,19 +45,9 @@ class PreflightReport:
         chosen = self.train + self.val if records is None else records
         return summarize_cases([self.cases[r["case_id"]] for r in chosen])
 
-    def to_json(self) -> dict:
-        """The part that goes into ``summary.json``."""
-        return {
-            "n_train": len(self.train),
-            "n_val": len(self.val),
-            "skipped": self.skipped,
-            "warnings": self.warnings,
-        }
-
     def lines(self) -> list[str]:
-        """Log lines: one per skipped sample and one per warning."""
-        skipped = [f"skipped {s['split']} sample {s['origin']}: {s['reason']}" for s in self.skipped]
-        return skipped + [f"warning: {w}" for w in self.warnings]
+        """The run's warning lines: one per skipped sample, then one per warning."""
+        return [f"skipped {s['split']} sample {s['origin']}: {s['reason']}" for s in self.skipped] + self.warnings
 
 
 @dataclass
@@ -92,7 +83,7 @@ def preflight(
     tagged = [("train", r) for r in train_records] + [("val", r) for r in val_records]
     leaks = _leakage(train_records, val_records)
     duplicates = _duplicates([record for _, record in tagged])
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(4, available_cpus())) as pool:
         outcomes = list(
             pool.map(
                 lambda i: _Outcome([duplicates[i]]) if i in duplicates else _check(tagged[i][1], hu_range),

@@ -52,10 +52,8 @@ def load_records(data: Any, *, seed: int, run_dir: Path) -> DataBundle:
     """
     train, val = source_records(data, seed=seed)
     report = preflight(train, val, on_bad_sample=data.on_bad_sample)
-    for line in report.warnings:
+    for line in report.lines():
         log.warning(line)
-    for item in report.skipped:
-        log.warning("skipped %s (%s split): %s", item["origin"], item["split"], item["reason"])
     stats = {"all": report.stats(), "train": report.stats(report.train), "val": report.stats(report.val)}
     (run_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     log.info("dataset statistics:\n%s", format_stats(stats["all"]))

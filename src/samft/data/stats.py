@@ -10,13 +10,13 @@ subtracts ``mean`` and divides by ``std``.
 
 from __future__ import annotations
 
-import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from samft.data.readers import Volume, read_volume
+from samft.devices import available_cpus
 from samft.errors import UserError
 
 SAMPLES_PER_CASE = 10_000
@@ -102,7 +102,7 @@ def dataset_stats(records: list[dict], *, workers: int | None = None) -> dict:
         mask = read_volume(record["label"]) if record["label"] is not None else None
         return case_summary(record, image, mask)
 
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(4, available_cpus())) as pool:
         return summarize_cases(list(pool.map(summarize, records)))
 
 

@@ -146,14 +146,15 @@ class Trainer:
     def fit(self, *, resume_from: Path | None = None) -> dict[str, Any]:
         """Train until `settings.epochs`, early stopping, pruning, Ctrl-C or too many failed steps.
 
-        Returns the summary (also written to run_dir/summary.json).
+        Returns the summary (also written to run_dir/summary.json). The logger is started here and closed here,
+        also when this raises: its one owner for the run (the caller builds it and does not close it).
         """
         self._started = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             self._restore(Path(resume_from))
-        self.logger.start(run_id=self._logger_run_id)
         try:
+            self.logger.start(run_id=self._logger_run_id)
             stop_reason = self._run_interruptible()
             summary = self._write_summary(stop_reason)
             self.logger.log_summary(summary)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import shutil
 import time
@@ -13,6 +12,8 @@ from typing import Any
 import psutil
 import torch
 from tqdm.auto import tqdm
+
+from samft.devices import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def system_check(
     disk = shutil.disk_usage(existing).free / GIB
     if disk < min_free_disk_gb:
         warnings.append(f"{disk:.1f} GiB free on the disk of {output_dir} (< {min_free_disk_gb}); checkpoints may fail")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus()
     if cpus < min_cpus:
         warnings.append(f"{cpus} CPU cores usable (< {min_cpus}); data loading may bound the speed")
     log.info("system: %d CPU cores, %.1f GiB RAM available, %.1f GiB free disk at %s", cpus, ram, disk, existing)

@@ -18,7 +18,7 @@ from samft.config import TrainConfig
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.model import build_model_from_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 AFFINE = np.diag([2.0, 2.0, 5.0, 1.0])
 
 
