@@ -1,11 +1,12 @@
 # The two commands of the README: `make demo` (set up, then train on the built-in demo data)
-# and `make test` (set up, then lint and run the test suite). Both create .venv on first use.
+# and `make test` (set up, then lint and run the test suite; CI runs it). `make test-fast` leaves out the tests
+# marked slow. All create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.samft-installed
 
-.PHONY: demo test setup
+.PHONY: demo test test-fast setup
 
 demo: $(STAMP)
 	$(BIN)/python -m samft.train experiment=demo
@@ -13,6 +14,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 setup: $(STAMP)
 

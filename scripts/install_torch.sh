@@ -2,7 +2,8 @@
 # Install PyTorch into the environment of the given pip, choosing the build for this machine:
 #  - a working NVIDIA GPU (nvidia-smi answers): PyPI's default build, which bundles CUDA;
 #  - otherwise a CPU-only build (no multi-GB CUDA download): a local "+cpu" wheel when pip's
-#    find-links has one, else PyTorch's CPU wheel index.
+#    find-links has one, else the "+cpu" wheel from PyTorch's CPU wheel index (its dependencies come
+#    from pip's own index, whatever pip is configured to use).
 # TORCH_VERSION overrides the version (default 2.13.0).
 set -e
 PIP="$1"
@@ -13,5 +14,4 @@ fi
 if $PIP install --no-index --no-deps "torch==$VERSION+cpu" >/dev/null 2>&1; then
   exec $PIP install "torch==$VERSION+cpu"
 fi
-exec $PIP install "torch==$VERSION" --index-url https://download.pytorch.org/whl/cpu \
-  --extra-index-url https://pypi.org/simple
+exec $PIP install "torch==$VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu

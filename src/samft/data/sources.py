@@ -1,6 +1,7 @@
 """Data sources: turn the users' layouts into train and val lists of sample records.
 
-A record is a plain dict (see CONTRACT.md)::
+Every layout of the README's "Data formats" section becomes the same records, which the pre-flight check
+(``samft.data.preflight``) and the data module (``samft.data.datamodule``) take. A record is a plain dict::
 
     {"image": str, "label": str | None, "ich": 0 | 1, "patient_id": str, "case_id": str, "origin": str}
 
