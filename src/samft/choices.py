@@ -14,6 +14,8 @@ CACHES = ("none", "memory", "disk")
 PROMPT_MODES = ("click", "auto", "both")
 SCHEDULERS = ("plateau", "cosine", "poly", "step")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# predict and evaluate: auto = the run's precision on CUDA, fp32 on a CPU
+INFERENCE_PRECISIONS = ("auto", *PRECISIONS)
 PRUNERS = ("none", "median", "hyperband")
 OOM_POLICIES = ("skip", "halve")
 # predict, evaluate and baseline: what to do with NaN or Inf voxels in a scan

@@ -150,8 +150,9 @@ class ModelToolConfig(ScanToolConfig):
     threshold: float = 0.5
     postprocess: bool = True
     overlap: float = 0.25
-    sw_batch_size: int = 1
+    sw_batch_size: int | None = None  # None: 4 on CUDA, 1 on a CPU
     device: str = "auto"
+    precision: str = "auto"  # auto: the run's hardware.precision on CUDA, fp32 on a CPU
 
 
 @dataclass

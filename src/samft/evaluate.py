@@ -177,7 +177,8 @@ def checkpoint_predictions(cfg: DictConfig) -> PredictFn:
     device = resolve_device(cfg.device, key="device")
     points = read_points(Path(cfg.points)) if cfg.points else {}
     predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
-                          postprocess=cfg.postprocess, nonfinite=cfg.nonfinite, max_voxels=cfg.max_voxels)
+                          postprocess=cfg.postprocess, nonfinite=cfg.nonfinite, max_voxels=cfg.max_voxels,
+                          precision=cfg.precision)
 
     def predict(case: Case) -> tuple[np.ndarray, str]:
         clicks = points.get(case.image.name)

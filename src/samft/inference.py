@@ -21,11 +21,19 @@ from samft.choices import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES
 from samft.data.readers import Volume, read_volume
 from samft.data.transforms import LoadCased
 from samft.engine.checkpoint import load_checkpoint
+from samft.engine.precision import autocast
 from samft.errors import UserError
 from samft.model import build_model_from_config
 from samft.postprocess import load_min_component_ml, remove_small_components
 from samft.predict import valid_clicks
-from samft.segmentation import clicks_to_grid, scan_logits, to_scan_grid
+from samft.segmentation import (
+    allow_tf32,
+    clicks_to_grid,
+    inference_precision,
+    scan_logits,
+    sw_batch_size_for,
+    to_scan_grid,
+)
 
 log = logging.getLogger("samft.inference")
 
@@ -51,11 +59,14 @@ class Predictor:
     `ckpt` is a samft checkpoint (best_model.pth or latest_model.pth); its resolved config rebuilds the model
     and the preprocessing, the run's stats.json supplies nnU-Net normalisation statistics when used, and its
     postprocessing.json the post-processing chosen on the validation split (`postprocess=False` skips it).
+    `precision` `auto` segments at the run's `hardware.precision` under autocast on CUDA (with TF32 for the fp32
+    parts) and in fp32 on a CPU; `sw_batch_size` None: 4 windows per forward pass on CUDA, 1 on a CPU.
     """
 
     def __init__(
-        self, ckpt: Path, *, device: torch.device, overlap: float = 0.25, sw_batch_size: int = 1,
+        self, ckpt: Path, *, device: torch.device, overlap: float = 0.25, sw_batch_size: int | None = None,
         postprocess: bool = True, nonfinite: str = "refuse", max_voxels: int = DEFAULT_MAX_VOXELS,
+        precision: str = "auto",
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite is {nonfinite!r}; use one of {', '.join(NONFINITE_POLICIES)}")
@@ -80,7 +91,10 @@ class Predictor:
                             f"{first[:200]}); pass a best_model.pth or latest_model.pth of a samft run") from None
         self.model.to(device).eval()
         self.device = device
-        self.overlap, self.sw_batch_size = overlap, sw_batch_size
+        trained = (config.get("hardware") or {}).get("precision", "fp32")
+        self.precision = inference_precision(precision, device=device, trained=trained)
+        allow_tf32(device)
+        self.overlap, self.sw_batch_size = overlap, sw_batch_size_for(sw_batch_size, device=device)
         # the pipeline after its reader: predict reads each scan once and hands the voxels to the rest
         if not isinstance(self.transforms.transforms[0], LoadCased):
             raise RuntimeError("the predict pipeline must start with LoadCased")
@@ -122,10 +136,11 @@ class Predictor:
         if clicks is not None and not self.model.takes_clicks:
             raise UserError(f"points were given for {image_path.name}, but this model takes no clicks "
                             f"(model={type(self.model).__name__}); predict without points")
-        logits = scan_logits(
-            self.model, image.as_tensor().unsqueeze(0).to(self.device), roi_size=self.preprocessing.roi,
-            overlap=self.overlap, air=self.preprocessing.air, sw_batch_size=self.sw_batch_size, clicks=clicks,
-        )
+        with autocast(self.precision, self.device):
+            logits = scan_logits(
+                self.model, image.as_tensor().unsqueeze(0).to(self.device), roi_size=self.preprocessing.roi,
+                overlap=self.overlap, air=self.preprocessing.air, sw_batch_size=self.sw_batch_size, clicks=clicks,
+            )
         probabilities = to_scan_grid(torch.sigmoid(logits[0].float()), image, self._after_read)
         if probabilities.shape != array.shape:  # cannot happen unless a transform is not invertible
             raise RuntimeError(f"inverted prediction {probabilities.shape} != scan {array.shape}")

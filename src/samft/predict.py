@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import MISSING, DictConfig
 
-from samft.choices import NONFINITE_POLICIES
+from samft.choices import INFERENCE_PRECISIONS, NONFINITE_POLICIES
 from samft.cli import exit_on_user_error, run_entry
 from samft.config import ModelToolConfig, refuse_unknown_overrides, validate_tool
 from samft.errors import UserError
@@ -44,7 +44,7 @@ MODEL_TOOL_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "threshold": (0.0, 1.0, True), "overlap": (0.0, None, False), "sw_batch_size": (1, None, False),
     "max_voxels": (1, None, False),
 }
-MODEL_TOOL_CHOICES: dict[str, tuple[str, ...]] = {"nonfinite": NONFINITE_POLICIES}
+MODEL_TOOL_CHOICES: dict[str, tuple[str, ...]] = {"nonfinite": NONFINITE_POLICIES, "precision": INFERENCE_PRECISIONS}
 
 
 def check_model_tool(cfg: DictConfig, schema: type, *, tool: str) -> DictConfig:
@@ -233,7 +233,8 @@ def run_predictions(cfg: DictConfig) -> list[str]:
                      points_file=Path(cfg.points) if cfg.points else None, probabilities=cfg.probabilities,
                      output_format=output_format)
     predictor = Predictor(Path(cfg.ckpt), device=device, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
-                          postprocess=cfg.postprocess, nonfinite=cfg.nonfinite, max_voxels=cfg.max_voxels)
+                          postprocess=cfg.postprocess, nonfinite=cfg.nonfinite, max_voxels=cfg.max_voxels,
+                          precision=cfg.precision)
     without_geometry = []
     if predictor.prompt_mode == "click" and any(job.points is None for job in jobs):
         log.warning("this model was trained with click prompts (model.prompt_mode=click): its prompt-free masks "

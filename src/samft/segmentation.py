@@ -18,6 +18,32 @@ from monai.utils import TraceKeys
 
 OUTSIDE_LOGIT = -20.0
 """Logit given to voxels outside the click window (probability about 2e-9)."""
+CUDA_SW_BATCH_SIZE = 4
+"""Sliding windows per forward pass on a GPU by default (one 128^3 window leaves most of a GPU idle)."""
+
+
+def inference_precision(setting: str, *, device: torch.device, trained: str) -> str:
+    """The precision to segment at: `setting` (fp32, bf16, fp16), or for `auto` the run's own (`trained`) on CUDA
+    and fp32 elsewhere (autocast on a CPU is slower than fp32 and would change the CPU results)."""
+    if setting != "auto":
+        return setting
+    return trained if device.type == "cuda" else "fp32"
+
+
+def sw_batch_size_for(setting: int | None, *, device: torch.device) -> int:
+    """Sliding windows per forward pass: `setting`, or by default `CUDA_SW_BATCH_SIZE` on CUDA and 1 elsewhere
+    (the CPU results stay those of one window at a time)."""
+    if setting is not None:
+        return int(setting)
+    return CUDA_SW_BATCH_SIZE if device.type == "cuda" else 1
+
+
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (inference only: a 10-bit mantissa in
+    the products, far below a mask threshold's sensitivity); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 @torch.no_grad()

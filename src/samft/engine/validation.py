@@ -16,7 +16,7 @@ from monai.transforms import Compose
 from samft.data.readers import read_volume
 from samft.postprocess import remove_small_components
 from samft.scoring import SIZE_BANDS_ML, case_metrics, interior_click, summarize
-from samft.segmentation import clicks_to_grid, scan_logits, to_scan_grid
+from samft.segmentation import clicks_to_grid, scan_logits, sw_batch_size_for, to_scan_grid
 
 BAND_KEYS = {"under 1 ml": "under_1ml", "1-10 ml": "1_10ml", "over 10 ml": "over_10ml"}
 
@@ -31,6 +31,8 @@ class ScanValidation:
     (their `label` paths give the true masks on the scan's grid). Modes: `auto` (prompt-free sliding windows) when
     the model was trained prompt-free (prompt_mode auto or both), `click` (one reader click at the lesion's
     innermost voxel, as `samft.evaluate click_from_label=true`) when it takes clicks (click or both).
+    The scans are segmented under the Trainer's autocast (the run's precision), `sw_batch_size` windows per
+    forward pass (None: 4 on CUDA, 1 on a CPU, as `samft.predict`).
     """
 
     scans: Dataset
@@ -42,7 +44,7 @@ class ScanValidation:
     prompt_mode: str
     limit: int | None = None
     threshold: float = 0.5
-    sw_batch_size: int = 1
+    sw_batch_size: int | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -68,6 +70,7 @@ class ScanValidation:
         `min_component_candidates` each row also holds `dice_by_min_ml`: the Dice after removing predicted
         components under each volume (ml)."""
         rows = []
+        sw_batch_size = sw_batch_size_for(self.sw_batch_size, device=device)
         model.eval()
         for index in self.indices()[rank::world_size]:
             sample = self.scans[index]
@@ -84,7 +87,7 @@ class ScanValidation:
                     clicks = clicks_to_grid([click], image)
                 with autocast():
                     logits = scan_logits(model, volume, roi_size=self.roi_size, overlap=self.overlap, air=self.air,
-                                         sw_batch_size=self.sw_batch_size, clicks=clicks)
+                                         sw_batch_size=sw_batch_size, clicks=clicks)
                 probabilities = to_scan_grid(torch.sigmoid(logits[0].float()), image, self.transform)
                 pred = probabilities > self.threshold
                 affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
