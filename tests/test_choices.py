@@ -53,7 +53,7 @@ def test_the_range_rule_reads_as_it_checks() -> None:
 def test_the_scan_tools_share_one_definition_of_their_common_keys() -> None:
     shared = {f.name for f in dataclasses.fields(ScanToolConfig)}
     model_shared = {f.name for f in dataclasses.fields(ModelToolConfig)}
-    assert shared == {"nonfinite", "max_voxels"}
+    assert shared == {"nonfinite", "max_voxels", "output_dir"}
     assert {"points", "threshold", "overlap", "sw_batch_size", "device", "postprocess"} <= model_shared
     assert issubclass(PredictConfig, ModelToolConfig) and issubclass(EvaluateConfig, ModelToolConfig)
     assert issubclass(BaselineConfig, ScanToolConfig)

@@ -140,6 +140,8 @@ class ScanToolConfig:
 
     nonfinite: str = "refuse"
     max_voxels: int = DEFAULT_MAX_VOXELS
+    # the log folder's parent, as training's `output_dir` (the YAML default reads SAMFT_LOG_DIR)
+    output_dir: str = "./outputs"
 
 
 @dataclass
