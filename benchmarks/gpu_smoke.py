@@ -88,7 +88,7 @@ def make_trainer(ctx: Context, run_dir: Path, *, precision: str, epochs: int = 1
     settings = TrainSettings(epochs=epochs, seed=0, grad_accum_steps=2, max_grad_norm=1.0, precision=precision,
                              device=str(device), train_clicks=1, val_clicks=(1,), ich_loss_weight=0.1, progress=False)
     schedule = build_scheduler("plateau", optimizer, epochs=epochs, steps_per_epoch=windows)
-    return Trainer(model=model, optimizer=optimizer, scheduler=schedule, train_loader=train, val_loader=val,
+    return Trainer(model=model, optimizer=optimizer, schedule=schedule, train_loader=train, val_loader=val,
                    settings=settings, run_dir=run_dir)
 
 

@@ -118,8 +118,8 @@ def compare(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, dict[str
                              train_clicks=args.clicks, ich_loss_weight=ICH_WEIGHT, progress=False)
     trainer = Trainer(model=model, optimizer=optimizers["samft"], val_loader=loader, train_loader=loader,
                       settings=settings, run_dir=run_dir,
-                      scheduler=build_scheduler("plateau", optimizers["samft"], epochs=settings.epochs,
-                                                steps_per_epoch=1))
+                      schedule=build_scheduler("plateau", optimizers["samft"], epochs=settings.epochs,
+                                               steps_per_epoch=1))
     loss_fn = loss_on(device)
     clicks = {name: torch.Generator(device=device).manual_seed(0) for name in ("bare", "control")}
     progress = Progress(epochs=settings.epochs, done=0, enabled=False)

@@ -84,7 +84,7 @@ def build_trainer(
     schedule = build_scheduler("step", opt, epochs=train_settings.epochs, steps_per_epoch=steps, step_size=100)
     unused = model_cls in (WithUnusedHead, SometimesUsed)
     wrapped = distributed.wrap_model(model, device=torch.device("cpu"), find_unused_parameters=unused)
-    return Trainer(model=wrapped, optimizer=opt, scheduler=schedule, train_loader=train, val_loader=val,
+    return Trainer(model=wrapped, optimizer=opt, schedule=schedule, train_loader=train, val_loader=val,
                    settings=train_settings, run_dir=run_dir, resolved_config={"seed": 0}, **trainer_kw)
 
 

@@ -19,11 +19,11 @@ def scripted_validation(monkeypatch):
     def script(values: list[float]) -> list[int]:
         calls: list[int] = []
 
-        def fake_evaluate(model, loader, **kwargs) -> ValidationResult:
+        def fake_validate_crops(model, loader, **kwargs) -> ValidationResult:
             calls.append(1)
             return ValidationResult({"val/dice": values[len(calls) - 1]}, None)
 
-        monkeypatch.setattr("samft.engine.loop.evaluate", fake_evaluate)
+        monkeypatch.setattr("samft.engine.loop.validate_crops", fake_validate_crops)
         return calls
 
     return script

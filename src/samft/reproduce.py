@@ -91,7 +91,7 @@ def _same(a: Any, b: Any) -> bool:
 def reproduce(run_dir: Path, output: Path | None = None, *, epochs: int | None = None) -> tuple[Path, list[str]]:
     """Re-run `run_dir` (its first `epochs` epochs, or all) into `output` (default: a sibling
     `<name>_reproduced_<time>`); returns the differences."""
-    from samft.runner import train_at
+    from samft.runner import run_training
 
     run_dir = run_dir.resolve()
     old_summary_path = run_dir / "summary.json"
@@ -108,7 +108,7 @@ def reproduce(run_dir: Path, output: Path | None = None, *, epochs: int | None =
     output.mkdir(parents=True)
     _log_to(output / "train.log")
     OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(cfg))), output / "reproduced_config.yaml")
-    train_at(cfg, output)
+    run_training(cfg, output)
     old = json.loads(old_summary_path.read_text())
     new = json.loads((output / "summary.json").read_text())
     return output, compare(old, new, epochs=epochs)

@@ -1,8 +1,8 @@
 """One training run: validated config -> data, model, optimiser, Trainer -> run directory -> objective.
 
 This is the only module besides the entry points that reads the DictConfig; everything it builds takes
-typed arguments. With `hardware.distributed=true` every rank runs `train_in` (samft.distributed says how the
-ranks are started); rank 0 alone reads the data sources and writes files.
+typed arguments. With `hardware.distributed=true` every rank runs `train_this_process` (samft.distributed says
+how the ranks are started); rank 0 alone reads the data sources and writes files.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ def train(cfg: DictConfig) -> float:
     """Run one training job and return the best validation metric (always finite, for Optuna)."""
     hydra_cfg = HydraConfig.get()
     refuse_list_selection(list(hydra_cfg.overrides.task))
-    return train_at(validate(cfg), Path(hydra_cfg.runtime.output_dir))
+    return run_training(validate(cfg), Path(hydra_cfg.runtime.output_dir))
 
 
-def train_at(cfg: DictConfig, run_dir: Path) -> float:
+def run_training(cfg: DictConfig, run_dir: Path) -> float:
     """Train with an already validated config into `run_dir`: in this process, or with hardware.distributed on
     every rank (see `_train_distributed`)."""
     if cfg.hardware.distributed:
         return _train_distributed(cfg, run_dir)
-    return train_in(cfg, run_dir)
+    return train_this_process(cfg, run_dir)
 
 
 def _train_distributed(cfg: DictConfig, run_dir: Path) -> float:
@@ -65,19 +65,19 @@ def _train_distributed(cfg: DictConfig, run_dir: Path) -> float:
         distributed.export_submitit_environment()
     with distributed.process_group(backend=backend, timeout_min=timeout):
         distributed.keep_logs_on_main()
-        return train_in(cfg, distributed.agree_on_run_dir(run_dir))
+        return train_this_process(cfg, distributed.agree_on_run_dir(run_dir))
 
 
 def _train_spawned(resolved: dict, run_dir: str) -> float:
-    """One spawned rank (its process group is up): `train_in` with the config rebuilt from plain data."""
+    """One spawned rank (its process group is up): `train_this_process` with the config rebuilt from plain data."""
     # MONAI imports optuna and so alembic, which logs its set-up at INFO; a Hydra parent imported it before
     # configuring logging, a worker after.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    return train_in(validate(OmegaConf.create(resolved)), Path(run_dir))
+    return train_this_process(validate(OmegaConf.create(resolved)), Path(run_dir))
 
 
-def train_in(cfg: DictConfig, run_dir: Path) -> float:
-    """This process's part of a run (the whole run without a process group); see `train_at`."""
+def train_this_process(cfg: DictConfig, run_dir: Path) -> float:
+    """This process's part of a run (the whole run without a process group); see `run_training`."""
     from samft.builders import build_logger, optimizer_and_scheduler, preprocessing, train_settings
     from samft.data.datamodule import build_dataloaders, default_num_workers
     from samft.data.records import load_records
@@ -118,7 +118,7 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
     )
     model = build_model_from_config(cfg.model).to(device)
     _freeze_heads_without_loss(model, ich_loss_weight=cfg.model.ich_loss_weight)
-    optimizer, scheduler = optimizer_and_scheduler(cfg, model, batches_per_epoch=len(loaders.train))
+    optimizer, schedule = optimizer_and_scheduler(cfg, model, batches_per_epoch=len(loaders.train))
     settings = train_settings(cfg, device)
     resume_from = distributed.broadcast(_resume_path(cfg.resume, run_dir))
     logger = build_logger(cfg.logger, run_dir=run_dir, config=resolved)
@@ -126,7 +126,7 @@ def train_in(cfg: DictConfig, run_dir: Path) -> float:
              "skipped_samples": data.skipped, "data_warnings": data.warnings}
     wrapped = distributed.wrap_model(model, device=device, find_unused_parameters=model.has_unused_parameters)
     trainer = Trainer(
-        model=wrapped, optimizer=optimizer, scheduler=scheduler, train_loader=loaders.train,
+        model=wrapped, optimizer=optimizer, schedule=schedule, train_loader=loaders.train,
         val_loader=loaders.val, settings=settings, run_dir=run_dir, logger=logger,
         resolved_config=resolved, extra_summary=extra, epoch_callback=_pruning_callback(cfg) if main else None,
         scan_validation=scan_validation,

@@ -140,7 +140,7 @@ def make_trainer(
     return Trainer(
         model=model,
         optimizer=opt,
-        scheduler=schedule,
+        schedule=schedule,
         train_loader=train,
         val_loader=val,
         settings=train_settings,

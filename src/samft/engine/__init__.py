@@ -13,7 +13,7 @@ from samft.engine.loggers import (
     tracker_key,
 )
 from samft.engine.loop import CURVES, SUMMARY, EpochCallback, Trainer
-from samft.engine.metrics import SegmentationMetrics, ValidationResult, evaluate
+from samft.engine.metrics import SegmentationMetrics, ValidationResult, validate_crops
 from samft.engine.monitor import system_check
 from samft.engine.optim import Schedule, build_optimizer, build_scheduler, updates_per_epoch
 from samft.engine.settings import TrainSettings
@@ -39,10 +39,10 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "default_tracking_uri",
-    "evaluate",
     "load_checkpoint",
     "save_checkpoint",
     "system_check",
     "tracker_key",
     "updates_per_epoch",
+    "validate_crops",
 ]

@@ -37,7 +37,7 @@ from samft.engine.faults import EVENT_KINDS, PEER_FAILURE, Failure, free_memory
 from samft.engine.interrupts import GracefulInterrupt
 from samft.engine.loggers import NoneLogger, RunLogger
 from samft.engine.losses import SegmentationLoss
-from samft.engine.metrics import CaseScores, ValidationResult, evaluate
+from samft.engine.metrics import CaseScores, ValidationResult, validate_crops
 from samft.engine.monitor import EpochMeter, Progress, peak_memory_mb
 from samft.engine.optim import Schedule
 from samft.engine.plots import plot_curves, save_overlay
@@ -55,7 +55,7 @@ EpochCallback = Callable[[int, dict[str, float]], bool]
 
 
 @dataclass
-class EpochProgress:
+class EpochPosition:
     """Where the current epoch stands; saved in a checkpoint written mid-epoch so a resume replays it exactly."""
 
     lrs: list[float]
@@ -97,7 +97,7 @@ class Trainer:
         *,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: Schedule,
+        schedule: Schedule,
         train_loader: DataLoader,
         val_loader: DataLoader,
         settings: TrainSettings,
@@ -112,7 +112,7 @@ class Trainer:
         self.device = torch.device(settings.device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
-        self.schedule = scheduler
+        self.schedule = schedule
         self.train_loader = train_loader
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
@@ -136,8 +136,8 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.consecutive_failures = 0
-        self.progress_in_epoch: EpochProgress | None = None
-        self._resume: tuple[EpochProgress | None, dict[str, Any]] | None = None
+        self.progress_in_epoch: EpochPosition | None = None
+        self._resume: tuple[EpochPosition | None, dict[str, Any]] | None = None
         self._logger_run_id: str | None = None
         self._elapsed_before = 0.0
         self._started = time.monotonic()
@@ -211,7 +211,7 @@ class Trainer:
         if rng_now is not None:
             restore_rng(position.rng_at_start if position else rng_now, self.clicks)
         lrs = [group["lr"] for group in self.optimizer.param_groups]
-        state = position or EpochProgress(lrs, capture_rng(self.clicks))
+        state = position or EpochPosition(lrs, capture_rng(self.clicks))
         self.progress_in_epoch = state
         if not seed_loader(self.train_loader, seed=self.settings.seed, epoch=epoch) and epoch == 1:
             log.info("train loader has no torch.Generator: its order follows the global torch RNG")
@@ -436,7 +436,7 @@ class Trainer:
         def batch_seed(index: int) -> int:
             return derive_seed(self.settings.seed, VALIDATION_STREAM, self.rank + index * self.world_size)
 
-        crops = evaluate(
+        crops = validate_crops(
             unwrap(self.model),
             self.val_loader,
             rounds=self.settings.val_rounds,
@@ -538,7 +538,7 @@ class Trainer:
         self._logger_run_id = state["logger_run_id"]
         self._elapsed_before = state["elapsed_s"]
         position, rng = self._own_place(state, path)
-        self._resume = (EpochProgress(**position) if position is not None else None, rng)
+        self._resume = (EpochPosition(**position) if position is not None else None, rng)
         log.info(
             "resumed from %s: epoch %d done, %d optimiser steps, best %s=%s",
             path,

@@ -126,7 +126,7 @@ class ValidationResult:
 
 
 @torch.no_grad()
-def evaluate(
+def validate_crops(
     model: torch.nn.Module,
     loader: DataLoader,
     *,
