@@ -24,6 +24,10 @@ DEFAULT_MAX_VOXELS = 400_000_000
 """A scan's voxels (declared in its header, and on the resampled grid) above which the inference tools refuse it:
 1.6 GB as float32, about a 512 x 512 x 1500 CT."""
 
+# model.name values whose model takes no click prompts (their class says `takes_clicks = False`; the config is
+# checked before torch is imported, so it reads this list, and tests/test_model_facts.py checks the two agree)
+PROMPT_FREE_MODELS = ("unet",)
+
 # dotted config key -> allowed values
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("demo", "csv", "ct_ich", "nifti"),

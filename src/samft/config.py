@@ -15,7 +15,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from samft.choices import CHOICES, DEFAULT_MAX_VOXELS, LOGGER_TRACKERS, RANGES, Bound, describe, within
+from samft.choices import (
+    CHOICES,
+    DEFAULT_MAX_VOXELS,
+    LOGGER_TRACKERS,
+    PROMPT_FREE_MODELS,
+    RANGES,
+    Bound,
+    describe,
+    within,
+)
 from samft.errors import UserError
 
 
@@ -312,8 +321,10 @@ def unet_divisor(strides: Any) -> tuple[int, int, int]:
 
 
 def _check_model(cfg: DictConfig) -> None:
-    if cfg.model.name == "unet" and cfg.model.prompt_mode != "auto":
-        raise UserError("model=unet takes no click prompts; set model.prompt_mode=auto (conf/model/unet.yaml does)")
+    name = cfg.model.name
+    if name in PROMPT_FREE_MODELS and cfg.model.prompt_mode != "auto":
+        raise UserError(f"model={name} takes no click prompts; set model.prompt_mode=auto (conf/model/{name}.yaml "
+                        "does)")
 
 
 def _check_sources(cfg: DictConfig) -> None:

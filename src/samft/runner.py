@@ -191,13 +191,13 @@ def _device(name: str):
 
 
 def _freeze_heads_without_loss(model, *, ich_loss_weight: float) -> None:
-    """With ich_loss_weight=0 no loss reaches the ICH head nor the representation head feeding it. Frozen, they
-    stay out of the optimiser (as in one process, where they get no gradient) and out of DDP's gradient sync,
-    which would otherwise wait for them, because `segment` still returns the ICH logit."""
+    """With ich_loss_weight=0 no loss reaches the model's `ich_heads` (SAM-Med3D: the ICH head and the
+    representation head feeding it). Frozen, they stay out of the optimiser (as in one process, where they get no
+    gradient) and out of DDP's gradient sync, which would otherwise wait for them, because `segment` still returns
+    the ICH logit."""
     if ich_loss_weight == 0:
-        for name in ("ich_head", "representation_head"):
-            if hasattr(model, name):
-                getattr(model, name).requires_grad_(False)
+        for name in model.ich_heads:
+            getattr(model, name).requires_grad_(False)
 
 
 def _gpu_count() -> int:

@@ -27,6 +27,8 @@ class TinySegmenter(nn.Module):
     round, a batch and its consecutive parts draw the same clicks.
     """
 
+    ich_heads = ("ich_head",)  # as SamMed3D declares its: frozen by the runner when ich_loss_weight=0
+
     def __init__(self, channels: int = 4) -> None:
         super().__init__()
         self.encoder = nn.Conv3d(1, channels, 3, padding=1)

@@ -42,6 +42,8 @@ class SamMed3D(nn.Module):
     exports_encoder = True
     # parameters without a gradient in some steps (extra mask tokens, IoU head, unused prompt embeddings)
     has_unused_parameters = True
+    # submodules only the ICH-presence loss trains (frozen when model.ich_loss_weight=0)
+    ich_heads = ("ich_head", "representation_head")
 
     def __init__(
         self,

@@ -33,6 +33,7 @@ class UNetSegmenter(nn.Module):
     takes_clicks = False
     exports_encoder = False
     has_unused_parameters = False
+    ich_heads: tuple[str, ...] = ()
 
     def __init__(self, spec: UNetSpec | None = None) -> None:
         super().__init__()
