@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
-from monai.utils import MetaKeys, SpaceKeys
 
 from samft.builders import preprocessing
 from samft.choices import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES
-from samft.data.readers import Volume, read_volume
-from samft.data.transforms import LoadCased
+from samft.data.readers import Volume, read_volume, volume_meta
+from samft.data.transforms import LoadCased, cased
 from samft.engine.checkpoint import load_checkpoint
 from samft.engine.precision import autocast
 from samft.errors import UserError
@@ -130,7 +129,8 @@ class Predictor:
         array = finite_voxels(volume.array, image_path, policy=self.nonfinite)
         if points is not None:
             check_clicks(points, array.shape, image_path)
-        data = self._after_read({"image": _as_loaded(array, volume.affine, image_path)})
+        voxels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]  # as LoadCased hands them on
+        data = self._after_read({"image": cased(voxels, volume_meta(volume), str(image_path))})
         image: MetaTensor = data["image"]
         clicks = None if points is None else _to_grid(points, image)
         if clicks is not None and not self.model.takes_clicks:
@@ -146,15 +146,6 @@ class Predictor:
             raise RuntimeError(f"inverted prediction {probabilities.shape} != scan {array.shape}")
         return Prediction(probabilities=probabilities, affine=np.asarray(volume.affine, dtype=np.float64),
                           min_component_ml=self.min_component_ml, has_geometry=volume.has_geometry)
-
-
-def _as_loaded(array: np.ndarray, affine: np.ndarray, path: Path) -> MetaTensor:
-    """The voxels as the pipeline's reader (`LoadCased`) hands them on: float32 1 x X x Y x Z with its meta."""
-    affine_t = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
-    meta = {MetaKeys.AFFINE: affine_t, MetaKeys.ORIGINAL_AFFINE: affine_t.clone(),
-            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape), MetaKeys.SPACE: SpaceKeys.RAS,
-            "filename_or_obj": str(path)}
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], meta=meta)
 
 
 def declared_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:

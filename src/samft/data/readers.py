@@ -253,16 +253,21 @@ class _VolumeReader(ImageReader):
         for other in volumes[1:]:
             if other.array.shape != first.array.shape or not np.allclose(other.affine, first.affine):
                 raise ValueError("stacked volumes must share their shape and affine")
-        meta = {
-            MetaKeys.AFFINE: first.affine.copy(),
-            MetaKeys.ORIGINAL_AFFINE: first.affine.copy(),
-            MetaKeys.SPATIAL_SHAPE: np.asarray(first.array.shape),
-            MetaKeys.SPACE: SpaceKeys.RAS,
-            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if len(volumes) == 1 else 0,
-            "has_geometry": first.has_geometry,
-        }
+        meta = {**volume_meta(first), MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if len(volumes) == 1 else 0}
         array = first.array if len(volumes) == 1 else np.stack([v.array for v in volumes])
         return array, meta
+
+
+def volume_meta(volume: Volume) -> dict[str, Any]:
+    """The MONAI meta of a volume as the samft readers give it: its affine (also as the original affine), the
+    X x Y x Z shape, RAS space and ``has_geometry``."""
+    return {
+        MetaKeys.AFFINE: volume.affine.copy(),
+        MetaKeys.ORIGINAL_AFFINE: volume.affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(volume.array.shape),
+        MetaKeys.SPACE: SpaceKeys.RAS,
+        "has_geometry": volume.has_geometry,
+    }
 
 
 class PickleVolumeReader(_VolumeReader):

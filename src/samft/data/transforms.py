@@ -215,8 +215,7 @@ class LoadCased(MapTransform):
         geometry = image
         if label is not None and image.meta.get("has_geometry", True) is False:
             geometry = label  # a bare .pkl array: the mask's header is the only geometry there is
-        meta = {k: copy.deepcopy(geometry.meta[k]) for k in _KEPT_META}
-        d[self.image_key] = MetaTensor(image.as_tensor(), meta={**meta, "filename_or_obj": image_path})
+        d[self.image_key] = cased(image.as_tensor(), geometry.meta, image_path)
         if self.label_key not in d:
             return d
         if label is None:
@@ -224,9 +223,14 @@ class LoadCased(MapTransform):
         else:
             _check_same_grid(image, label, geometry.affine, image_path=image_path, label_path=str(label_path))
             values = label.as_tensor()
-        label_meta = {**copy.deepcopy(meta), "filename_or_obj": str(label_path or "")}
-        d[self.label_key] = MetaTensor(values, meta=label_meta)
+        d[self.label_key] = cased(values, geometry.meta, str(label_path or ""))
         return d
+
+
+def cased(values: torch.Tensor, meta: Mapping[str, Any], path: str) -> MetaTensor:
+    """One key as `LoadCased` hands it on: the voxels 1 x X x Y x Z with the geometry of `meta` (a reader's meta
+    dict, reduced to the keys every format has) and the file name `path`."""
+    return MetaTensor(values, meta={**{k: copy.deepcopy(meta[k]) for k in _KEPT_META}, "filename_or_obj": path})
 
 
 def _check_same_grid(
