@@ -16,7 +16,8 @@ Checks (each "passed", "failed" or "skipped" with its reason, seconds and findin
 - seeded_runs: two seeded runs with deterministic algorithms, weights compared bitwise, torch's determinism
   warnings recorded (bit-equality is required on CPU only; on CUDA it is reported, see README).
 - gpu_benchmark: `benchmarks/gpu.py --quick` (on CPU: the tiny model, one repeat), its report included.
-- predict: a one-epoch smoke run and `samft.predict` on the device, on a synthetic head CT.
+- predict: a one-epoch smoke run and `samft.predict` on the device, on a synthetic head CT; on CUDA also with
+  `precision=bf16 sw_batch_size=4`, whose mask must agree with the default's on 99 % of the voxels.
 - ddp_oom: two ranks (NCCL on 2+ GPUs, gloo on CPU), grad_accum_steps=2, an OOM injected into rank 1's forward:
   both finish with equal weights.
 """
@@ -248,6 +249,9 @@ def check_predict(ctx: Context) -> dict[str, Any]:
         ["samft.predict", f"ckpt={run_dir / 'best_model.pth'}", f"input={ctx.work / 'scan.nii.gz'}",
          f"output={ctx.work / 'pred'}", f"device={device}", f"hydra.run.dir={ctx.work / 'predict_logs'}"],
     ]
+    if ctx.cuda:  # inference under autocast with batched windows against the fp32 (TF32) default
+        steps.append([*steps[1][:3], f"output={ctx.work / 'pred_bf16'}", f"device={device}", "precision=bf16",
+                      "sw_batch_size=4", f"hydra.run.dir={ctx.work / 'predict_logs'}"])
     scan = np.random.default_rng(0).normal(35, 10, size=(90, 80, 40)).astype(np.int16)
     nib.save(nib.Nifti1Image(scan, np.diag([0.9, 0.9, 2.0, 1.0])), ctx.work / "scan.nii.gz")
     seconds = []
@@ -259,7 +263,13 @@ def check_predict(ctx: Context) -> dict[str, Any]:
         expect(proc.returncode == 0, f"{args[0]} exited {proc.returncode}: {proc.stderr[-1500:]}")
     mask = nib.load(ctx.work / "pred" / "scan_mask.nii.gz")
     expect(mask.shape == scan.shape, f"mask shape {mask.shape} != scan shape {scan.shape}")
-    return {"train_s": seconds[0], "predict_s": seconds[1], "mask_voxels": int(np.asarray(mask.dataobj).sum())}
+    found = {"train_s": seconds[0], "predict_s": seconds[1], "mask_voxels": int(np.asarray(mask.dataobj).sum())}
+    if ctx.cuda:
+        bf16 = np.asarray(nib.load(ctx.work / "pred_bf16" / "scan_mask.nii.gz").dataobj)
+        agree = float((bf16 == np.asarray(mask.dataobj)).mean())
+        expect(agree > 0.99, f"bf16 autocast predict agrees with fp32 on {agree:.4f} of the voxels")
+        found.update(predict_bf16_s=seconds[2], bf16_voxel_agreement=agree)
+    return found
 
 
 def ddp_body(work: str, device_type: str) -> dict[str, Any]:
