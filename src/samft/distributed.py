@@ -245,12 +245,20 @@ def _log_setup() -> dict[str, Any]:
     root = logging.getLogger()
     handlers = []
     for handler in root.handlers:
-        fmt = handler.formatter._fmt if handler.formatter else None
+        fmt = _format_string(handler.formatter)
         if isinstance(handler, logging.FileHandler):
             handlers.append({"file": handler.baseFilename, "format": fmt})
         elif isinstance(handler, logging.StreamHandler):
             handlers.append({"stream": "stderr" if handler.stream is sys.stderr else "stdout", "format": fmt})
     return {"level": root.level, "handlers": handlers}
+
+
+def _format_string(formatter: logging.Formatter | None) -> str | None:
+    """The format string of a handler's formatter. `logging.Formatter` keeps it only in the private `_fmt` (there
+    is no public accessor); a formatter without one (another class) gives None, and the worker's handler then
+    formats as logging does by default (the message alone)."""
+    fmt = getattr(formatter, "_fmt", None)
+    return fmt if isinstance(fmt, str) else None
 
 
 def _apply_log_setup(setup: dict[str, Any]) -> None:

@@ -319,7 +319,21 @@ class RandAffine32d(RandAffined):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.rand_affine.resampler.dtype = np.float32
+        resample_in_float32(self.rand_affine)
+
+
+def resample_in_float32(rand_affine: Any) -> bool:
+    """Make a MONAI ``RandAffine`` resample in float32; returns whether it could.
+
+    ``RandAffined`` takes no dtype argument; MONAI 1.3-1.6 keep it on the ``resampler`` (a ``Resample``) the
+    transform builds. A release without that attribute keeps its stock float64 resampling: the same result
+    to float32 rounding, slower.
+    """
+    resampler = getattr(rand_affine, "resampler", None)
+    if resampler is None or not hasattr(resampler, "dtype"):
+        return False
+    resampler.dtype = np.float32
+    return True
 
 
 def triple(size: int | Sequence[int]) -> tuple[int, int, int]:

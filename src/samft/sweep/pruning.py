@@ -26,8 +26,11 @@ class TrialReporter:
     """Epoch callback for the Trainer: `reporter(epoch, metrics) -> True` means the trial is pruned."""
 
     def __init__(self, *, storage: str, study_name: str, number: int, pruner: str, metric: str = "val/dice"):
-        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(pruner))
-        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        # Optuna has no public "trial of this study by number"; its public storage API finds the trial's id
+        # (the Study object keeps its storage and study id only in private attributes).
+        opened = optuna.storages.get_storage(storage)
+        trial_id = opened.get_trial_id_from_study_id_trial_number(opened.get_study_id_from_name(study_name), number)
+        self.study = optuna.load_study(study_name=study_name, storage=opened, pruner=make_pruner(pruner))
         self.trial = optuna.trial.Trial(self.study, trial_id)
         self.metric = metric
 

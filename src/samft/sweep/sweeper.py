@@ -11,7 +11,9 @@ credential in any file the jobs write; and the trial table and plots written at 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 from omegaconf import read_write
 
 from samft.redact import redact
@@ -38,6 +40,16 @@ STORAGE_ENV = "SAMFT_OPTUNA_STORAGE"
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 _OVERRIDE_ESCAPE = re.compile(r"\\([\\()\[\]{}:=, \t])")  # what Hydra escapes in an unquoted override value
 
+try:  # private in hydra-optuna-sweeper 1.3 (see _STOCK_HOOKS)
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+except ImportError:
+    create_params_from_overrides = None
+
+# hydra-optuna-sweeper 1.3 has no public extension API. samft's loop reuses the stock search-space parsing and
+# trial configuration through these private methods of OptunaSweeperImpl and the module's
+# create_params_from_overrides; a release without one of them runs its own stock sweep instead (with a warning).
+_STOCK_HOOKS = ("_process_searchspace_config", "_parse_sweeper_params_config", "_get_directions", "_configure_trials")
+
 
 class PruningSweeperImpl(OptunaSweeperImpl):
     def __init__(self, *, pruner: str, heartbeat_interval: int = 30, grace_period: int = 120,
@@ -47,6 +59,12 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
 
     def sweep(self, arguments: list[str]) -> None:
+        missing = [name for name in _STOCK_HOOKS if not callable(getattr(self, name, None))]
+        missing += [] if callable(create_params_from_overrides) else ["create_params_from_overrides"]
+        if missing:
+            log.warning("this hydra-optuna-sweeper has no %s; running its stock sweep, without samft's pruning, "
+                        "heartbeats, resumable storage and failure handling", ", ".join(missing))
+            return super().sweep(arguments)
         self._process_searchspace_config()
         distributions, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
         for name in fixed:
@@ -162,7 +180,7 @@ def _storage_for_jobs(storage: str) -> str:
 def _fail(study: optuna.Study, trial: optuna.trial.Trial, reason: str) -> None:
     """Record `trial` as FAIL with `reason`, unless it is already finished (another worker may have failed it)."""
     try:
-        if study._storage.get_trial(trial._trial_id).state.is_finished():
+        if any(t.number == trial.number and t.state.is_finished() for t in study.get_trials(deepcopy=False)):
             return
         trial.set_user_attr(REASON_ATTR, reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -185,8 +203,21 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> str
         return "failed"
 
 
+def _job_error(ret: JobReturn) -> Exception | None:
+    """What a failed job raised, None for a completed one. The public `JobReturn.return_value` re-raises it after
+    writing Hydra's "Error executing job with overrides" line to stderr; the sweep logs its own line instead."""
+    if ret.status != JobStatus.FAILED:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            ret.return_value  # noqa: B018 (the property raises the job's exception)
+    except Exception as err:
+        return err
+    return None
+
+
 def _record(study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn, *, stop_reason: str | None) -> str:
-    error = ret._return_value if ret.status == JobStatus.FAILED else None
+    error = _job_error(ret)
     if isinstance(error, optuna.TrialPruned):
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d pruned", trial.number)
