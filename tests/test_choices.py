@@ -58,3 +58,6 @@ def test_the_scan_tools_share_one_definition_of_their_common_keys() -> None:
     assert issubclass(PredictConfig, ModelToolConfig) and issubclass(EvaluateConfig, ModelToolConfig)
     assert issubclass(BaselineConfig, ScanToolConfig)
     assert ScanToolConfig().max_voxels == choices.DEFAULT_MAX_VOXELS
+    # every checked key is a key of the schema it is checked on
+    assert {*choices.SCAN_TOOL_CHOICES, *choices.SCAN_TOOL_RANGES} <= shared
+    assert {*choices.MODEL_TOOL_CHOICES, *choices.MODEL_TOOL_RANGES} <= model_shared

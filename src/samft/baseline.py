@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import MISSING, DictConfig
 
-from samft.choices import NONFINITE_POLICIES
+from samft.choices import SCAN_TOOL_CHOICES, SCAN_TOOL_RANGES
 from samft.cli import exit_on_user_error, run_entry
 from samft.config import ScanToolConfig, validate_tool
 from samft.errors import UserError
@@ -101,8 +101,7 @@ def run_baseline(cfg: DictConfig) -> list[str]:
     """Write one mask per input scan in samft.predict's naming; returns one failure line per unreadable scan."""
     from samft.predict import plan_jobs
 
-    cfg = validate_tool(cfg, BaselineConfig, tool="baseline", choices={"nonfinite": NONFINITE_POLICIES},
-                        ranges={"max_voxels": (1, None, False)})
+    cfg = validate_tool(cfg, BaselineConfig, tool="baseline", choices=SCAN_TOOL_CHOICES, ranges=SCAN_TOOL_RANGES)
     check_settings(cfg)
     jobs = plan_jobs(source=Path(cfg.input), output=Path(cfg.output), points_file=None, probabilities=False)
 

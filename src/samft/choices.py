@@ -94,6 +94,16 @@ RANGES: dict[str, Bound] = {
     "seed": (0, 2**32 - 1, False),
 }
 
+# conf/predict.yaml, evaluate.yaml, baseline.yaml: the keys of every tool that reads scans (config.ScanToolConfig),
+# and of the tools that also run a model (config.ModelToolConfig)
+SCAN_TOOL_CHOICES: dict[str, tuple[str, ...]] = {"nonfinite": NONFINITE_POLICIES}
+SCAN_TOOL_RANGES: dict[str, Bound] = {"max_voxels": (1, None, False)}
+MODEL_TOOL_CHOICES: dict[str, tuple[str, ...]] = {**SCAN_TOOL_CHOICES, "precision": INFERENCE_PRECISIONS}
+MODEL_TOOL_RANGES: dict[str, Bound] = {
+    "threshold": (0.0, 1.0, True), "overlap": (0.0, None, False), "sw_batch_size": (1, None, False),
+    **SCAN_TOOL_RANGES,
+}
+
 
 def describe(bound: Bound) -> str:
     """The rule `bound` states, e.g. '>= 1' or '> 0.0 and <= 1.0'."""

@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import MISSING, DictConfig
 
-from samft.choices import INFERENCE_PRECISIONS, NONFINITE_POLICIES
+from samft.choices import MODEL_TOOL_CHOICES, MODEL_TOOL_RANGES
 from samft.cli import exit_on_user_error, run_entry
 from samft.config import ModelToolConfig, refuse_unknown_overrides, validate_tool
 from samft.errors import UserError
@@ -37,14 +37,6 @@ class PredictConfig(ModelToolConfig):
     output: str = MISSING
     output_format: str = "nifti"
     probabilities: bool = False
-
-
-# the keys every tool that runs a model (predict, evaluate) checks the same way
-MODEL_TOOL_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "threshold": (0.0, 1.0, True), "overlap": (0.0, None, False), "sw_batch_size": (1, None, False),
-    "max_voxels": (1, None, False),
-}
-MODEL_TOOL_CHOICES: dict[str, tuple[str, ...]] = {"nonfinite": NONFINITE_POLICIES, "precision": INFERENCE_PRECISIONS}
 
 
 def check_model_tool(cfg: DictConfig, schema: type, *, tool: str) -> DictConfig:
