@@ -175,3 +175,29 @@ def test_validation_takes_the_device_default_window_batch(monkeypatch: pytest.Mo
         with pytest.raises(StopIteration):
             check.case_rows(torch.nn.Identity(), device=torch.device("cpu"), autocast=nullcontext)
         assert seen[-1] == expected
+
+
+# --- throughput under DDP -------------------------------------------------------------------------------------
+
+
+def test_under_ddp_samples_per_s_is_the_jobs_rate_over_the_slowest_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks faked at the collectives (this process is rank 0; the other rank is a copy of it that took three
+    times as long): the rate is both ranks' samples over the slower epoch, not rank 0's own rate."""
+    from samft import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "shard_batches", lambda loader: loader)
+    monkeypatch.setattr(distributed, "any_rank", lambda flag: flag)
+    monkeypatch.setattr(distributed, "broadcast", lambda value: value)
+    monkeypatch.setattr(distributed, "sum_over_ranks", lambda *values: [2 * v for v in values])
+    monkeypatch.setattr(distributed, "all_gather", lambda value: [value, 3 * value if isinstance(value, float)
+                                                                  else value])
+    trainer = make_trainer(tmp_path, train_settings=settings(epochs=1), batch_size=2, n_train=8)
+    (epoch,) = trainer.fit()["history"]
+    own_rate = 8 / epoch["time/epoch_s"]
+    assert epoch["time/samples_per_s"] == pytest.approx(2 * 8 / (3 * epoch["time/epoch_s"]))
+    assert epoch["time/samples_per_s"] != pytest.approx(own_rate) and epoch["time/samples_per_s"] != pytest.approx(
+        2 * own_rate)

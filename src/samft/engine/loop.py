@@ -370,10 +370,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, progress: Progress) -> str | None:
         """Validate, step the schedule, track the best, checkpoint, publish; returns a stop reason if any."""
         state = self.progress_in_epoch
-        # the ranks run in step, so the sum of their rates is the whole job's samples per second
-        loss_sum, samples, rate = distributed.sum_over_ranks(
-            state.loss_sum, state.samples, state.stats.get("time/samples_per_s", 0.0)
-        )
+        loss_sum, samples, seen = distributed.sum_over_ranks(state.loss_sum, state.samples, state.seen)
         record: dict[str, Any] = {
             "epoch": epoch,
             "lr": state.lrs[0],
@@ -382,8 +379,11 @@ class Trainer:
             "train/steps": self.global_step,
             **state.stats,
         }
-        if "time/samples_per_s" in state.stats:
-            record["time/samples_per_s"] = rate
+        if "time/samples_per_s" in state.stats and self.world_size > 1:
+            # the job's rate, the same on every rank: all ranks' samples over the slowest rank's epoch (each time
+            # taken after its queued kernels finished, see EpochMeter), not rank 0's own rate
+            slowest = max(distributed.all_gather(state.stats["time/epoch_s"]))
+            record["time/samples_per_s"] = seen / slowest if slowest > 0 else 0.0
         result = None
         improved = False
         if epoch % self.settings.val_every == 0 or epoch == self.settings.epochs:
