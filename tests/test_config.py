@@ -75,6 +75,21 @@ def test_sweep_config_sets_the_search_space() -> None:
     assert cfg.hydra.sweeper.direction == "maximize"
 
 
+def test_unet_search_space_shares_the_sweep_settings_but_not_the_encoder_switch() -> None:
+    """The U-Net has no pretrained encoder to freeze: its space leaves freeze_encoder out and keeps the rest."""
+    sam, unet = (compose_train([f"hparams_search={name}", "experiment=sweep_demo"])
+                 for name in ("ich_optuna", "unet_optuna"))
+    assert OmegaConf.to_container(unet.hydra.sweeper.params) == {
+        "optim.lr": "tag(log, interval(1e-5, 1e-2))",
+        "optim.grad_accum_steps": "choice(1, 2, 4)",
+        "model.batch_dice": "choice(true, false)",
+    }
+    assert unet.hparams_search.name == "unet_optuna" and unet.model.name == "unet"
+    shared = {key: value for key, value in OmegaConf.to_container(sam.hydra.sweeper).items() if key != "params"}
+    assert shared == {key: value for key, value in OmegaConf.to_container(unet.hydra.sweeper).items()
+                      if key != "params"}
+
+
 @pytest.mark.parametrize(
     "override,expected",
     [

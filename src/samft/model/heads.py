@@ -45,10 +45,12 @@ class RefinementHead(nn.Module):
     to open under Adam).
     `downsample=2` (a 3 mm grid at 1.5 mm input) costs an eighth of full resolution on a CPU; the
     upsample-then-threshold ceiling of that grid is about Dice 0.90 on real hemorrhage masks, against 0.66 for
-    the decoder's 6 mm grid.
+    the decoder's 6 mm grid. The default widths (16-32-64-128, 0.49 M parameters, under 1 % of the released
+    model) give the head the depth to delineate what the decoder's 6 mm grid only locates; a second level of
+    width costs about 30 % more than the 8-16-32 head on a CPU, as the deep levels are small.
     """
 
-    def __init__(self, *, channels: tuple[int, ...] = (8, 16, 32), downsample: int = 2) -> None:
+    def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128), downsample: int = 2) -> None:
         super().__init__()
         from monai.networks.nets import UNet
 
