@@ -18,10 +18,10 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from helpers.wandb_records import history_rows, read_records, run_files
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
-from test_engine_wandb import _history, _records, _run_file
 
 from samft import distributed
 from samft.config import validate
@@ -142,14 +142,14 @@ def wandb_run(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Path:
 
 def test_logger_wandb_from_the_command_line_records_the_run_offline(wandb_run: Path) -> None:
     run_id = torch.load(wandb_run / "latest_model.pth", weights_only=True)["logger_run_id"]
-    (run_file,) = _run_file(wandb_run, run_id)
-    records = _records(run_file)  # wandb's own record format (protobuf), as `wandb sync` reads it
+    (run_file,) = run_files(wandb_run, run_id)
+    records = read_records(run_file)  # wandb's own record format (protobuf), as `wandb sync` reads it
     (run,) = [r.run for kind, r in records if kind == "run"]
     assert run.run_id == run_id and run.project == "samft-ci"
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["model"]["name"] == "sam_med3d_tiny" and config["epochs"] == 2
     summary = json.loads((wandb_run / "summary.json").read_text())
-    logged = {row["epoch"]: row for row in _history(records) if "epoch" in row}
+    logged = {row["epoch"]: row for row in history_rows(records) if "epoch" in row}
     assert sorted(logged) == [1, 2]
     for epoch in summary["history"]:
         assert logged[epoch["epoch"]]["val/dice"] == pytest.approx(epoch["val/dice"], rel=1e-12)
