@@ -62,37 +62,59 @@ def _process_gone(worker: Any) -> bool:
     return False
 
 
-def _heartbeat_ages(storage: RDBStorage, study_id: int) -> dict[int, float]:
-    """Seconds since the last heartbeat of each RUNNING trial of the study that has one, by trial id, measured
+def trial_id(storage: RDBStorage, study: optuna.Study, number: int) -> int:
+    """The storage's id of trial `number` of `study` (what heartbeats and storage writes take), through Optuna's
+    public storage API: Optuna 2.10 keeps `Study._study_id` and `Trial._trial_id` private."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def _heartbeat_ages(storage: RDBStorage, study_id: int) -> dict[int, float] | None:
+    """Seconds since the last heartbeat of each RUNNING trial of the study that has one, by trial number, measured
     on the database server's clock. (Optuna 2.10's own check uses `timedelta.seconds`, which forgets whole
-    days, so a trial dead for a day and a minute looks a minute old.)"""
-    from optuna.storages._rdb import models
+    days, so a trial dead for a day and a minute looks a minute old.) None when this Optuna has no such tables."""
+    try:  # Optuna has no public read of heartbeat times; its private ORM models are the one way in 2.10
+        from optuna.storages._rdb import models
+
+        trials, beats = models.TrialModel, models.TrialHeartbeatModel
+    except (ImportError, AttributeError):
+        return None
     from sqlalchemy import func
 
     session = storage.scoped_session()
     try:
         now = session.execute(func.now()).scalar()
         rows = (
-            session.query(models.TrialModel.trial_id, models.TrialHeartbeatModel.heartbeat)
-            .join(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
-            .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
+            session.query(trials.number, beats.heartbeat)
+            .join(beats, beats.trial_id == trials.trial_id)
+            .filter(trials.study_id == study_id, trials.state == TrialState.RUNNING)
             .all()
         )
         session.commit()
     finally:
         storage.scoped_session.remove()
     now = now.replace(tzinfo=None)  # PostgreSQL answers timezone-aware, the column is naive (as in Optuna)
-    return {trial_id: (now - beat.replace(tzinfo=None)).total_seconds() for trial_id, beat in rows}
+    return {number: (now - beat.replace(tzinfo=None)).total_seconds() for number, beat in rows}
 
 
 def fail_dead_trials(study: optuna.Study, storage: RDBStorage, *, grace_period: float) -> list[int]:
     """Mark FAIL every RUNNING trial of `study` whose worker is dead (see the module docstring); returns their
     numbers. A trial that another worker finishes or fails at the same moment is left to it."""
-    ages = _heartbeat_ages(storage, study._study_id)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    ages = _heartbeat_ages(storage, study_id)
     failed = []
+    if ages is None:
+        # Without Optuna's ORM models (a release that moved them) the stale check falls back to Optuna's public
+        # one, with the storage's same grace period: it misses trials dead for whole days (see _heartbeat_ages)
+        # and cannot give the trials it fails a fail_reason (a finished trial's attributes are read-only).
+        ages = {}
+        for stale in storage.fail_stale_trials(study_id):
+            number = storage.get_trial(stale).number
+            log.warning("trial %d marked FAIL: no heartbeat from its worker for over %g s (Optuna's check)",
+                        number, grace_period)
+            failed.append(number)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
-        age = ages.get(trial._trial_id)
+        age = ages.get(trial.number)
         if _process_gone(worker):
             reason = f"worker process {worker['pid']} on {worker['host']} is gone"
         elif age is not None and age > grace_period:
@@ -100,8 +122,9 @@ def fail_dead_trials(study: optuna.Study, storage: RDBStorage, *, grace_period: 
         else:
             continue
         try:
-            storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
-            if not storage.set_trial_state(trial._trial_id, TrialState.FAIL):
+            tid = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_user_attr(tid, REASON_ATTR, reason)
+            if not storage.set_trial_state(tid, TrialState.FAIL):
                 continue
         except RuntimeError:  # finished meanwhile by its own worker or failed by another one
             continue

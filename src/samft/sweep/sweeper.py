@@ -29,7 +29,14 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 from omegaconf import read_write
 
 from samft.redact import redact
-from samft.sweep.liveness import REASON_ATTR, WORKER_ATTR, Heartbeat, fail_dead_trials, worker_identity
+from samft.sweep.liveness import (
+    REASON_ATTR,
+    WORKER_ATTR,
+    Heartbeat,
+    fail_dead_trials,
+    trial_id,
+    worker_identity,
+)
 from samft.sweep.pruning import make_pruner
 from samft.sweep.report import write_report
 from samft.sweep.storage import database_errors, open_storage
@@ -107,10 +114,12 @@ class PruningSweeperImpl(OptunaSweeperImpl):
             while remaining > 0:
                 fail_dead_trials(study, storage, grace_period=self.grace_period)
                 batch = min(self.n_jobs, remaining)
+                beating = []  # the trials' storage ids
                 for _ in range(batch):
                     trial = study.ask()
                     pending.append(trial)
-                    heartbeat.add(trial._trial_id)
+                    beating.append(trial_id(storage, study, trial.number))
+                    heartbeat.add(beating[-1])
                     trial.set_user_attr(WORKER_ATTR, worker)
                 trials = list(pending)
                 overrides = [
@@ -120,8 +129,8 @@ class PruningSweeperImpl(OptunaSweeperImpl):
                 try:
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 finally:
-                    for trial in trials:
-                        heartbeat.discard(trial._trial_id)
+                    for beat in beating:
+                        heartbeat.discard(beat)
                 self.job_idx += len(returns)
                 outcomes = []
                 for trial, ret in zip(trials, returns):
