@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import psutil
 import torch
 
+from samft.devices import available_cpus
+
 if TYPE_CHECKING:
     from samft.model.build import SamMed3DSpec
 
@@ -33,7 +35,7 @@ def header(script: str) -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
         f"benchmarks/{Path(script).name}  {datetime.datetime.now().isoformat(timespec='seconds')}\n"
-        f"machine: {platform.node()} {_cpu_name()}, {_cpus()} CPUs{gpu}, load average {load_average()}; "
+        f"machine: {platform.node()} {_cpu_name()}, {available_cpus()} CPUs{gpu}, load average {load_average()}; "
         f"python {platform.python_version()}, torch {torch.__version__}; commit {commit()}"
     )
 
@@ -126,8 +128,4 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import pickle
 import platform
 import subprocess
@@ -34,6 +33,7 @@ import torch
 from samft.data.datamodule import build_dataloaders
 from samft.data.demo import make_phantom
 from samft.data.transforms import Preprocessing
+from samft.devices import available_cpus
 
 
 def main() -> None:
@@ -110,9 +110,8 @@ def header() -> str:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"benchmarks/preprocessing.py  {datetime.datetime.now().isoformat(timespec='seconds')}\n"
-            f"machine: {platform.node()} {cpu}, {cpus} CPUs; python {sys.version.split()[0]}, torch "
+            f"machine: {platform.node()} {cpu}, {available_cpus()} CPUs; python {sys.version.split()[0]}, torch "
             f"{torch.__version__}, monai {monai.__version__}; git commit {commit}{' (+changes)' if dirty else ''}")
 
 
