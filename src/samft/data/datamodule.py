@@ -37,6 +37,10 @@ from samft.data.transforms import Preprocessing, crop_around_label
 from samft.devices import available_cpus
 from samft.errors import UserError
 
+# The stored sample format of the disk cache: 2 since labels are kept as uint8 (transforms.CompactLabeld); 1 (no key
+# in the hash) held float32 labels.
+CACHE_FORMAT = 2
+
 
 def default_num_workers() -> int:
     """Loader workers from the CPUs this process may use: one fewer than the CPUs, at most 4."""
@@ -285,8 +289,10 @@ class _SafePersistentDataset(PersistentDataset):
 
 
 def _settings_hash(preprocessing: Preprocessing) -> str:
-    """Hash of what the cached prefix depends on (not the random crop or augmentation settings)."""
+    """Hash of what the cached prefix depends on (not the random crop or augmentation settings), and of the format
+    of its samples (CACHE_FORMAT), so that a cache written in another format is never read."""
     settings = {k: v for k, v in asdict(preprocessing).items() if k not in ("fg_oversample", "aug_prob", "affine_prob")}
+    settings["cache_format"] = CACHE_FORMAT
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
