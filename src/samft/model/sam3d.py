@@ -187,23 +187,35 @@ class SamMed3D(nn.Module):
     ) -> torch.Tensor:
         """Decode each sample with its real clicks only (NO_CLICK entries dropped, none -> no points).
 
-        Samples with equal click counts share one decoder call.
+        features B x C x G x G x G, coords B x N x 3, labels B x N, mask_prompt B x 1 x 4G x 4G x 4G or None ->
+        low-resolution logits B x 1 x 4G x 4G x 4G. Samples with equal click counts share one decoder call. The
+        counts are the one host read (a click count is the decoder's point-token count, a shape); the samples
+        are grouped and their clicks gathered on the device.
         """
         clicked = labels != NO_CLICK
         counts = clicked.sum(dim=1)
-        groups = counts.unique().tolist()
+        per_sample = counts.tolist()
+        groups = sorted(set(per_sample))
+        if groups != [labels.shape[1]]:  # some NO_CLICK entries: each row's real clicks first, in their order
+            first = torch.sort((~clicked).to(torch.uint8), dim=1, stable=True).indices
+            coords, labels = coords.gather(1, first[..., None].expand(-1, -1, 3)), labels.gather(1, first)
+        if len(groups) == 1:
+            count = groups[0]
+            points = (coords[:, :count].contiguous(), labels[:, :count].contiguous()) if count else None
+            return self.decode(features, points=points, mask_prompt=mask_prompt)
         low = 4 * self.prompt_encoder.grid_size
-        out = None if len(groups) == 1 else features.new_empty(features.shape[0], 1, low, low, low)
+        out = features.new_empty(features.shape[0], 1, low, low, low)
+        by_count = torch.sort(counts, stable=True).indices  # the samples of each count together, in batch order
+        start = 0
         for count in groups:
-            rows = (counts == count).nonzero().squeeze(1)
-            keep = clicked[rows]
+            rows = by_count[start:start + per_sample.count(count)]
+            start += len(rows)
             points = None
             if count > 0:
-                points = (coords[rows][keep].view(len(rows), count, 3), labels[rows][keep].view(len(rows), count))
-            prompt = None if mask_prompt is None else mask_prompt[rows]
-            low_res = self.decode(features[rows], points=points, mask_prompt=prompt)
-            if out is None:
-                return low_res
+                points = (coords.index_select(0, rows)[:, :count].contiguous(),
+                          labels.index_select(0, rows)[:, :count].contiguous())
+            prompt = None if mask_prompt is None else mask_prompt.index_select(0, rows)
+            low_res = self.decode(features.index_select(0, rows), points=points, mask_prompt=prompt)
             out = out.index_put((rows,), low_res)
         return out
 
