@@ -14,26 +14,37 @@ from scipy.ndimage import distance_transform_edt
 SIZE_BANDS_ML = (("under 1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), ("over 10 ml", 10.0, float("inf")))
 
 
-def case_metrics(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray, *, hd95: bool = True) -> dict[str, Any]:
-    """pred, truth: X x Y x Z {0,1} arrays on one grid with `affine` (mm). HD95 is NaN when either is empty (or
-    when `hd95` is False: it is the slowest score).
+def case_metrics(
+    pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, affine: np.ndarray, *, hd95: bool = True,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """pred, truth: X x Y x Z {0,1} arrays or tensors on one grid with `affine` (mm). HD95 is NaN when either is
+    empty (or when `hd95` is False: it is the slowest score).
+
+    The scores are computed on `device` (None: pred's device for a tensor, else the CPU), where MONAI's metrics
+    take the tensors (on CUDA, HD95's distance transform runs there when cuCIM is installed), and read back once
+    (twice with HD95).
 
     `detected`: on a scan with a lesion, the prediction overlaps it; on one without, anything is predicted (a
     false alarm), so sensitivity and specificity count hits, not any voxel anywhere.
     """
+    if device is None:
+        device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    p = torch.as_tensor(pred > 0)[None, None].float()
-    t = torch.as_tensor(truth > 0)[None, None].float()
-    dice = DiceMetric(include_background=True, ignore_empty=False, reduction="none")(p, t).item()
+    p = torch.as_tensor(pred > 0, device=device)[None, None].float()
+    t = torch.as_tensor(truth > 0, device=device)[None, None].float()
+    dice = DiceMetric(include_background=True, ignore_empty=False, reduction="none")(p, t)
+    # sums of 0/1 values: any voxel <=> a sum above 0
+    dice, pred_sum, true_sum, both_sum = torch.stack([dice.reshape(()), p.sum(), t.sum(), (p * t).sum()]).tolist()
     distance = math.nan
-    if hd95 and p.any() and t.any():
+    if hd95 and pred_sum > 0 and true_sum > 0:
         metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
         distance = metric(p, t, spacing=spacing.tolist()).item()
     return {
         "dice": dice, "hd95_mm": distance,
-        "pred_volume_ml": float(p.sum()) * voxel_ml, "true_volume_ml": float(t.sum()) * voxel_ml,
-        "detected": bool((p * t).any()) if t.any() else bool(p.any()), "positive": bool(t.any()),
+        "pred_volume_ml": pred_sum * voxel_ml, "true_volume_ml": true_sum * voxel_ml,
+        "detected": both_sum > 0 if true_sum > 0 else pred_sum > 0, "positive": true_sum > 0,
     }
 
 

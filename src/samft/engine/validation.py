@@ -77,6 +77,7 @@ class ScanValidation:
             record = self.records[index]
             image = sample["image"]
             truth = _truth(record, shape=image.meta["spatial_shape"])
+            truth_on_device = torch.from_numpy(truth).to(device)  # scored where the logits are (case_metrics)
             volume = image.as_tensor()[None].to(device)
             for mode in self.modes:
                 clicks = None
@@ -92,7 +93,7 @@ class ScanValidation:
                 pred = probabilities > self.threshold
                 affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
                 row = {"case_id": record.get("case_id", str(index)), "mode": mode,
-                       **case_metrics(pred, truth, affine, hd95=False)}
+                       **case_metrics(torch.from_numpy(pred).to(device), truth_on_device, affine, hd95=False)}
                 if min_component_candidates:
                     row["dice_by_min_ml"] = {
                         c: _dice(remove_small_components(pred, affine, min_ml=c), truth)
