@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from samft import distributed
 from samft.engine import Trainer, TrainSettings, build_scheduler
 from samft.engine.checkpoint import unwrap
+from samft.engine.faults import inject_faults, out_of_memory_on
 from samft.model import build_model, build_sam
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,17 +170,8 @@ def check_attention(ctx: Context) -> dict[str, Any]:
 
 def check_injected_oom(ctx: Context) -> dict[str, Any]:
     model = make_model(ctx)
-    segment, calls = model.segment, {"n": 0}
-
-    def first_forward_runs_out(image: torch.Tensor, **kwargs: Any):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            if ctx.cuda:  # a real allocation failure: the caching allocator's state must recover from it
-                torch.empty(1 << 50, dtype=torch.uint8, device=ctx.device)
-            raise torch.OutOfMemoryError("injected")
-        return segment(image, **kwargs)
-
-    model.segment = first_forward_runs_out
+    # on CUDA a real allocation failure: the caching allocator's state must recover from it
+    inject_faults(model, out_of_memory_on(1, device=ctx.device))
     summary = make_trainer(ctx, ctx.work / "oom", precision="bf16", model=model, windows=3).fit()
     expect(summary["events"]["oom"] == 1 and summary["events"]["skipped_steps"] == 1, f"events {summary['events']}")
     expect(summary["global_step"] == 2 and summary["stop_reason"] == "completed", "training did not go on")
@@ -278,16 +270,8 @@ def ddp_body(work: str, device_type: str) -> dict[str, Any]:
     device = distributed.cuda_device() if device_type == "cuda" else torch.device("cpu")
     ctx = Context(device=torch.device(device_type), work=Path(work))
     model = make_model(ctx).to(device)
-    segment, calls = model.segment, {"n": 0}
-
-    def segment_oom(image: torch.Tensor, **kwargs: Any):
-        if model.training:
-            calls["n"] += 1
-            if rank == 1 and calls["n"] == 3:
-                raise torch.OutOfMemoryError("injected")
-        return segment(image, **kwargs)
-
-    model.segment = model.forward = segment_oom  # DDP calls forward
+    if rank == 1:
+        inject_faults(model, out_of_memory_on(3))  # also its forward, which DDP calls
     wrapped = distributed.wrap_model(model, device=device, find_unused_parameters=model.has_unused_parameters)
     precision = "bf16" if device_type == "cuda" else "fp32"  # bf16 on CPU is not bit-exact, see seeded_runs
     trainer = make_trainer(ctx, Path(work) / f"ddp_{rank}", precision=precision, device=device, model=wrapped,

@@ -23,6 +23,7 @@ from samft import distributed
 from samft.config import TrainConfig
 from samft.engine import LATEST, Trainer, build_scheduler, load_checkpoint
 from samft.engine.checkpoint import unwrap
+from samft.engine.faults import inject_faults, out_of_memory_on
 from samft.errors import UserError
 from samft.runner import _freeze_heads_without_loss, _train_spawned
 
@@ -246,16 +247,8 @@ def oom_body(out: str) -> int:
     trainer = build_trainer(Path(out) / f"oom_{rank}", settings_kw=OOM["settings"], batch=OOM["batch"], world=WORLD,
                             n_train=OOM["n_train"], model_cls=WithBuffer)
     model = unwrap(trainer.model)
-    segment, calls = model.segment, {"n": 0}
-
-    def segment_oom(image: torch.Tensor, **kwargs: Any):
-        if model.training:
-            calls["n"] += 1
-            if rank == 1 and calls["n"] == 3:
-                raise torch.OutOfMemoryError("injected")
-        return segment(image, **kwargs)
-
-    model.segment = segment_oom
+    if rank == 1:
+        inject_faults(model, out_of_memory_on(3))
     summary = trainer.fit()
     torch.save({"params": params(model), "summary": summary}, Path(out) / f"oom_rank{rank}.pt")
     return rank

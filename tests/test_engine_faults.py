@@ -1,37 +1,19 @@
 """Fault recovery: out-of-memory and non-finite losses are survived, counted, and bounded.
 
-Faults are injected by replacing the model's `segment` on the instance (the seam the Trainer calls).
+Faults are injected by `samft.engine.faults.inject_faults`, which replaces the model's `segment` on the instance
+(the seam the Trainer calls).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from helpers.standin import assert_params_close, make_trainer, params, settings
 
 from samft.engine import LATEST, SUMMARY, load_checkpoint
-
-
-def _inject(trainer, fault: Callable[[int, torch.Tensor], None | str]) -> None:
-    """Wrap the trainer's model.segment: fault(training call number, image) may raise, or return "nan"."""
-    segment = trainer.model.segment
-    calls = {"n": 0}
-
-    def faulty(image: torch.Tensor, **kwargs: Any):
-        action = None
-        if trainer.model.training:
-            calls["n"] += 1
-            action = fault(calls["n"], image)  # raises before the forward pass draws any click
-        output = segment(image, **kwargs)
-        if action == "nan":
-            output.logits[-1] = output.logits[-1] * float("nan")
-        return output
-
-    trainer.model.segment = faulty
+from samft.engine.faults import inject_faults
 
 
 def _oom(message: str = "CUDA out of memory (injected)") -> torch.OutOfMemoryError:
@@ -40,7 +22,7 @@ def _oom(message: str = "CUDA out of memory (injected)") -> torch.OutOfMemoryErr
 
 def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, train_settings=settings(epochs=1))
-    _inject(trainer, lambda n, image: "nan" if n == 3 else None)
+    inject_faults(trainer.model, lambda n, image: "nan" if n == 3 else None)
     summary = trainer.fit()
     assert summary["stop_reason"] == "completed"
     assert summary["events"]["nonfinite_loss"] == 1
@@ -57,7 +39,7 @@ def test_oom_with_skip_policy_drops_the_window_and_training_goes_on(tmp_path: Pa
         if n == 2:
             raise _oom()
 
-    _inject(trainer, fault)
+    inject_faults(trainer.model, fault)
     summary = trainer.fit()
     assert summary["stop_reason"] == "completed"
     assert summary["events"]["oom"] == 1 and summary["events"]["skipped_steps"] == 1
@@ -80,7 +62,7 @@ def test_oom_with_halve_policy_makes_the_same_update_as_the_unsplit_batch(tmp_pa
         if len(image) == 4:
             raise _oom()  # every batch of 4 is too large, halves of 2 fit
 
-    _inject(trainer, fault)
+    inject_faults(trainer.model, fault)
     summary = trainer.fit()
     assert sizes == [4, 2, 2]
     assert summary["events"]["oom"] == 1 and summary["events"]["oom_split"] == 1
@@ -97,7 +79,7 @@ def test_repeated_halving_down_to_single_samples(tmp_path: Path) -> None:
         if len(image) > 1:
             raise _oom()
 
-    _inject(trainer, fault)
+    inject_faults(trainer.model, fault)
     summary = trainer.fit()
     assert summary["events"]["oom_split"] == 3  # 4 -> 2 + 2 -> (1 + 1) + (1 + 1)
     assert summary["global_step"] == 1
@@ -106,7 +88,7 @@ def test_repeated_halving_down_to_single_samples(tmp_path: Path) -> None:
 def test_too_many_consecutive_failures_stop_with_a_valid_checkpoint(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, train_settings=settings(epochs=3, max_consecutive_failures=3))
     before = params(trainer.model)
-    _inject(trainer, lambda n, image: "nan" if n >= 2 else None)
+    inject_faults(trainer.model, lambda n, image: "nan" if n >= 2 else None)
     summary = trainer.fit()
     assert summary["stop_reason"] == "too_many_failures"
     assert summary["events"]["nonfinite_loss"] == 3
@@ -121,11 +103,11 @@ def test_too_many_consecutive_failures_stop_with_a_valid_checkpoint(tmp_path: Pa
 def test_fp16_overflow_is_skipped_by_the_grad_scaler_and_counted(tmp_path: Path) -> None:
     """fp16 autocast runs on CPU too: an absurd loss scale makes every gradient overflow."""
     trainer = make_trainer(tmp_path, n_train=4, train_settings=settings(epochs=1, precision="fp16"))
-    assert trainer.scaler.is_enabled()
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    assert trainer.step.scaler.is_enabled()
+    trainer.step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
     before = params(trainer.model)
     summary = trainer.fit()
     assert summary["events"]["fp16_overflow"] == 2  # both updates skipped, the scale halved twice
-    assert trainer.scaler.get_scale() == 2.0**118
+    assert trainer.step.scaler.get_scale() == 2.0**118
     assert_params_close(params(trainer.model), before, rtol=0, atol=0)
     assert load_checkpoint(tmp_path / LATEST)["scaler"]["scale"] == 2.0**118

@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 
 import samft.engine.validation as validation_module
 from samft.engine.checkpoint import load_checkpoint, save_checkpoint
+from samft.engine.step import OptimiserStep
 from samft.engine.validation import ScanValidation
 from samft.errors import UserError
 from samft.inference import Predictor
@@ -47,24 +48,24 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 @pytest.mark.parametrize("accum", [1, 4])
 def test_the_loop_reads_the_loss_on_the_host_once_per_optimiser_step_not_per_micro_step(
-    tmp_path: Path, host_reads: dict[str, Any], accum: int
+    tmp_path: Path, host_reads: dict[str, Any], accum: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The model is prompt-free (its click simulation is the model's own business); everything else the loop
     does between two optimiser steps stays on the device."""
     trainer = make_trainer(tmp_path, train_settings=settings(epochs=1, grad_accum_steps=accum, prompt_mode="auto",
                                                              ich_loss_weight=0.0), batch_size=1, n_train=8)
-    train_window = trainer._train_window
+    train_window = OptimiserStep.__call__
     windows = []
 
-    def counted_window(window):
+    def counted_window(self, window, **kwargs):
         host_reads["on"] = True
         try:
-            return train_window(window)
+            return train_window(self, window, **kwargs)
         finally:
             host_reads["on"] = False
             windows.append(len(window))
 
-    trainer._train_window = counted_window
+    monkeypatch.setattr(OptimiserStep, "__call__", counted_window)
     summary = trainer.fit()
     assert windows == [accum] * (8 // accum) and summary["global_step"] == 8 // accum
     assert host_reads["n"] == len(windows), host_reads["where"]  # one read per window, whatever its micro-steps

@@ -48,7 +48,7 @@ def test_on_cuda_deterministic_true_is_not_promised_bit_exact(deterministic: boo
 
 # The newest torch API the code calls, with the release that added it; the declared floor must cover them all.
 TORCH_APIS = {
-    ("src/samft/engine/loop.py", "torch.OutOfMemoryError"): "2.5",
+    ("src/samft/engine/step.py", "torch.OutOfMemoryError"): "2.5",
     ("src/samft/data/datamodule.py", "torch.serialization.safe_globals"): "2.5",
     ("src/samft/engine/precision.py", "torch.amp.GradScaler(device.type"): "2.3",
 }

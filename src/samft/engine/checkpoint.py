@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,20 @@ BEST = "best_model.pth"
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside a DistributedDataParallel wrapper (so state-dict keys carry no `module.`)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@dataclass
+class EpochPosition:
+    """Where the current epoch stands; saved in a checkpoint written mid-epoch so a resume replays it exactly."""
+
+    lrs: list[float]
+    rng_at_start: dict[str, Any]
+    batches_done: int = 0
+    windows_done: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    seen: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -79,6 +96,49 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not a samft training checkpoint (no format '{FORMAT}')")
     return state
+
+
+def load_model_state(model: torch.nn.Module, weights: Mapping[str, Any], *, source: Path | str) -> None:
+    """Load a checkpoint's model weights strictly; UserError naming `source` and the first keys that differ."""
+    try:
+        keys = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:
+        raise UserError(f"checkpoint {source} does not fit the model: {str(err).splitlines()[1].strip()}") from None
+    if keys.missing_keys or keys.unexpected_keys:
+        raise UserError(
+            f"checkpoint {source} does not fit the model: missing keys {keys.missing_keys[:3]}, "
+            f"unexpected keys {keys.unexpected_keys[:3]}; it was saved with another model config"
+        )
+
+
+def own_place(
+    state: Mapping[str, Any], *, rank: int, world_size: int, source: Path | str
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """This rank's place in the epoch (an EpochPosition as a dict, None at an epoch's end) and random state from a
+    checkpoint (rank 0's in a one-process file). Mid-epoch, the number of processes must be the saver's."""
+    ranks = state.get("ranks")
+    saved_by = len(ranks) if ranks else 1
+    if saved_by == world_size:
+        own = ranks[rank] if ranks else state
+        return own["position"], own["rng"]
+    if state["position"] is not None:
+        raise UserError(
+            f"checkpoint {source} was saved mid-epoch by {saved_by} processes and this run has {world_size}; "
+            f"resume with hardware.nproc_per_node={saved_by} (or as many torchrun ranks)"
+        )
+    log.warning(
+        "checkpoint %s was written by %d processes, this run has %d: training continues from its weights, but "
+        "the data order and clicks differ from an uninterrupted run", source, saved_by, world_size,
+    )
+    return None, state["rng"]
+
+
+def plain_data(value: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A copy of `value` as JSON-able data (what a checkpoint stores as its config); ValueError if it is not."""
+    try:
+        return json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be plain data (OmegaConf.to_container(cfg, resolve=True)): {err}") from None
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
