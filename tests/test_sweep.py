@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,19 @@ def study(sweep_dir: Path) -> optuna.Study:
     return optuna.load_study(study_name="app", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
 
 
-def test_sweep_writes_a_sqlite_study_and_the_report(tmp_path: Path) -> None:
-    proc = sweep(tmp_path, "hydra.sweeper.pruner=none")
+# the first sweep of three tests, run once: 3 trials without pruning, trial 2 reporting 0.0 after every epoch
+FIRST = ("bad_trial=2", "hydra.sweeper.pruner=none")
+
+
+@pytest.fixture(scope="module")
+def first_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The sweep folder of `FIRST` and its process; tests that run more sweeps continue a copy of the folder."""
+    sweep_dir = tmp_path_factory.mktemp("first")
+    return sweep_dir, sweep(sweep_dir, *FIRST)
+
+
+def test_sweep_writes_a_sqlite_study_and_the_report(first_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tmp_path, proc = first_sweep
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
     table = pd.read_csv(tmp_path / "trials.csv")
@@ -42,11 +54,13 @@ def test_sweep_writes_a_sqlite_study_and_the_report(tmp_path: Path) -> None:
     assert (tmp_path / "param_importances.png").stat().st_size > 0
 
 
-def test_rerunning_continues_the_study_with_new_trials(tmp_path: Path) -> None:
-    sweep(tmp_path, "hydra.sweeper.pruner=none")
+def test_rerunning_continues_the_study_with_new_trials(first_sweep: tuple[Path, subprocess.CompletedProcess],
+                                                      tmp_path: Path) -> None:
+    shutil.copytree(first_sweep[0], tmp_path, dirs_exist_ok=True)
     first = {t.number: t.params["x"] for t in study(tmp_path).trials}
+    assert list(first) == [0, 1, 2]
     # the same command again, as after a crash; the sampler seed is fixed in the config
-    sweep(tmp_path, "hydra.sweeper.pruner=none")
+    sweep(tmp_path, *FIRST)
     trials = study(tmp_path).trials
     assert [t.number for t in trials] == [0, 1, 2, 3, 4, 5]
     second = [t.params["x"] for t in trials[3:]]
@@ -76,9 +90,9 @@ def test_a_trial_worse_than_the_median_is_pruned(tmp_path: Path) -> None:
     assert list(table["epochs_run"]) == [4, 4, 1]  # from each run's summary.json: the pruned one ran 1 epoch
 
 
-def test_pruner_none_never_prunes(tmp_path: Path) -> None:
-    sweep(tmp_path, "bad_trial=2", "hydra.sweeper.pruner=none")
-    assert study(tmp_path).trials[2].state == optuna.trial.TrialState.COMPLETE
+def test_pruner_none_never_prunes(first_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
+    assert "bad_trial=2" in FIRST  # a trial the median pruner stops (test_a_trial_worse_than_the_median_is_pruned)
+    assert study(first_sweep[0]).trials[2].state == optuna.trial.TrialState.COMPLETE
 
 
 def test_the_hyperband_pruner_stops_bad_trials_early_through_the_job_side_reporter(tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def test_a_damaged_study_database_is_one_line_naming_it(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_locked_study_database_is_one_line_naming_it(tmp_path: Path) -> None:
-    sweep(tmp_path, "hydra.sweeper.n_trials=1")
+    optuna.create_study(study_name="app", storage=storage_url(tmp_path), direction="maximize")  # as a sweep leaves it
     holding = threading.Event()
     release = threading.Event()
 
@@ -183,7 +183,7 @@ def test_ctrl_c_in_a_real_training_trial_fails_it_and_stops_the_sweep(tmp_path: 
     sweep_dir = tmp_path / "sweeps" / "ich_optuna"
     proc = subprocess.Popen(
         [sys.executable, "-m", "samft.train", "-m", "hparams_search=ich_optuna", "hparams_search.n_trials=3",
-         "hparams_search.pruner=none", "experiment=smoke", "epochs=3", "max_steps_per_epoch=1",
+         "hparams_search.pruner=none", "experiment=smoke", "epochs=3", "max_steps_per_epoch=1", "val_scans=1",
          "hardware.num_workers=0", f"output_dir={tmp_path}", f"data.demo_dir={tmp_path / 'demo'}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
