@@ -314,8 +314,9 @@ def test_entry_point_refuses_list_selection_with_exit_code_2(tmp_path: Path) -> 
 def test_smoke_run_with_csv_tensorboard_and_mlflow(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "samft.train", "experiment=smoke", "logger=many",
-         "logger.loggers=[csv,tensorboard,mlflow]", f"output_dir={tmp_path}", f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "samft.train", "experiment=smoke", "max_steps_per_epoch=1", "val_scans=1",
+         "logger=many", "logger.loggers=[csv,tensorboard,mlflow]", f"output_dir={tmp_path}",
+         f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
