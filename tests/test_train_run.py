@@ -14,6 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from samft.config import validate
+from samft.data.demo import ensure_demo_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +26,19 @@ def run_module(*args: str, cwd: Path | None = None, timeout: int = 900) -> subpr
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke experiment's demo data (4 patients, seed 0), generated once for the module's runs."""
+    root = tmp_path_factory.mktemp("demo")
+    ensure_demo_dataset(root=root, n_patients=4, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("smoke")
     run_dir = root / "run"
     proc = run_module("samft.train", "experiment=smoke", f"hydra.run.dir={run_dir}", "hardware.num_workers=0",
-                      "hardware.cpu_threads=3", f"data.demo_dir={root / 'demo'}", cwd=root)
+                      "hardware.cpu_threads=3", f"data.demo_dir={demo}", cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, proc
 
@@ -131,22 +140,22 @@ def test_reproduce_the_first_epochs_of_a_run(smoke_run, tmp_path: Path) -> None:
                                            f"{new['history'][0]['val/dice']!r}"]
 
 
-def test_a_run_stopped_before_its_first_validation_is_not_an_error(tmp_path: Path) -> None:
+def test_a_run_stopped_before_its_first_validation_is_not_an_error(tmp_path: Path, demo: Path) -> None:
     run_dir = tmp_path / "boxed"
-    proc = run_module("samft.train", "experiment=smoke", "val_every=2", "stop_after_epoch=1",
-                      f"hydra.run.dir={run_dir}", f"data.demo_dir={tmp_path / 'demo'}", cwd=tmp_path)
+    proc = run_module("samft.train", "experiment=smoke", "val_every=2", "stop_after_epoch=1", "max_steps_per_epoch=1",
+                      f"hydra.run.dir={run_dir}", f"data.demo_dir={demo}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "stopped_after_epoch" and summary["best_metric"] is None
     assert len(summary["history"]) == 1 and (run_dir / "latest_model.pth").is_file()
 
 
-def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, tmp_path: Path) -> None:
+def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, demo: Path) -> None:
     run_dir, _ = smoke_run
     before = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]
     steps = json.loads((run_dir / "summary.json").read_text())["global_step"]
     proc = run_module("samft.train", "experiment=smoke", f"hydra.run.dir={run_dir}", "epochs=2",
-                      f"data.demo_dir={run_dir.parent / 'demo'}", cwd=run_dir.parent)
+                      f"data.demo_dir={demo}", cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = torch.load(run_dir / "latest_model.pth", weights_only=True)["model"]
     for key in before:
@@ -158,13 +167,13 @@ def test_resume_auto_continues_a_finished_run_without_training_again(smoke_run, 
     assert "resumed from" in output and "epoch 1/2" not in output and "epoch 2/2" not in output, output[-3000:]
 
 
-def test_unet_baseline_trains_through_the_same_framework_and_predicts(tmp_path: Path) -> None:
+def test_unet_baseline_trains_through_the_same_framework_and_predicts(tmp_path: Path, demo: Path) -> None:
     import nibabel as nib
     import numpy as np
 
     run_dir = tmp_path / "unet"
-    proc = run_module("samft.train", "experiment=smoke", "model=unet", "data.roi_size=64", f"hydra.run.dir={run_dir}",
-                      f"data.demo_dir={tmp_path / 'demo'}", cwd=tmp_path)
+    proc = run_module("samft.train", "experiment=smoke", "model=unet", "data.roi_size=32", "val_scans=1",
+                      f"hydra.run.dir={run_dir}", f"data.demo_dir={demo}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and 0.0 <= summary["best_metric"] <= 1.0
