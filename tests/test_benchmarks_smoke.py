@@ -187,3 +187,12 @@ def test_cpu_threads_smoke_gives_each_run_its_thread_setting(tmp_path: Path) -> 
         assert summary["cpu_threads"] == in_force, (name, summary["cpu_threads"])
     report = json.loads((out_dir / "report.json").read_text())
     assert [run["cpu_threads"] for run in report["runs"]] == [old, max(1, available_cpus() - 1)]
+
+
+def test_cpu_threads_realistic_without_its_data_says_where_it_looked(tmp_path: Path) -> None:
+    missing = tmp_path / "no-ich-data"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_threads.py"), "--recipe", "realistic", "--out",
+                             str(tmp_path / "out")], cwd=REPO, env={**os.environ, "SAMFT_ICH_DATA": str(missing)},
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1 and f"skipped: no realistic ICH data at {missing}" in result.stderr, result.stderr
+    assert "SAMFT_ICH_DATA" in result.stderr and not (tmp_path / "out").exists()
