@@ -5,16 +5,19 @@ click simulation (samft.model.prompts) reads nothing. Outputs are bitwise those 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from samft.model import build_model
 from samft.model.prompts import NO_CLICK
 
 SAMFT = Path(__import__("samft").__file__).parent
+TORCH = str(Path(torch.__file__).parent)
 S = 128
 
 
@@ -45,8 +48,38 @@ def old_decode_clicks(model, features, coords, labels, mask_prompt):
     return out
 
 
+class _BoolMaskIndexing(TorchFunctionMode):
+    """Counts indexing with a boolean mask (a data-dependent shape) from samft's own code.
+
+    A mode, not a patched `torch.Tensor.__getitem__`: assigning `__getitem__` on the class gives it a sequence
+    slot that deleting the attribute does not take back, and from then on `torch.as_tensor` treats every tensor
+    as a sequence (MONAI's transforms fail with "len() of a 0-d tensor" in later tests).
+    """
+
+    def __init__(self, counting: dict[str, Any]) -> None:
+        super().__init__()
+        self.counting = counting
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            index = args[1]
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts) and _caller_is_samft():
+                self.counting["n"] += 1
+                self.counting["where"].append("bool mask")
+        return func(*args, **(kwargs or {}))
+
+
+def _caller_is_samft() -> bool:
+    """Whether the first frame outside torch and this file is samft's."""
+    frame = sys._getframe(2)
+    while frame is not None and (TORCH in frame.f_code.co_filename or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return frame is not None and str(SAMFT) in frame.f_code.co_filename
+
+
 @pytest.fixture
-def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """Counts the reads samft's own code makes that wait for the device: a value read (`item`, `tolist`, ...),
     a data-dependent shape (`nonzero`, `unique`, indexing with a boolean mask)."""
     counting: dict[str, Any] = {"n": 0, "where": []}
@@ -74,17 +107,8 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(torch, name, counted_fn)
-    getitem = torch.Tensor.__getitem__
-
-    def counted_getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts) and ours():
-            counting["n"] += 1
-            counting["where"].append("bool mask")
-        return getitem(self, index)
-
-    monkeypatch.setattr(torch.Tensor, "__getitem__", counted_getitem)
-    return counting
+    with _BoolMaskIndexing(counting):
+        yield counting
 
 
 def _inputs(labels: list[list[int]], *, seed: int, mask: bool) -> tuple[torch.Tensor, ...]:
