@@ -109,6 +109,20 @@ class PeakTreeMemory:
             self.pss = max(self.pss, sum(_pss(p) for p in processes))
 
 
+def exit_if_failed(cmd: list[str], code: int, log: Path) -> None:
+    """Stop the benchmark with the command, its exit code and the end of its log when a training run failed."""
+    if code:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}; its output ends:\n"
+                         + "\n".join(log.read_text().splitlines()[-20:]))
+
+
+def training_rate(summary: dict) -> tuple[float, float]:
+    """(samples, seconds) of a run's training epochs from its summary.json (start-up and checkpoints excluded)."""
+    epochs = summary["history"]
+    seconds = sum(e["time/epoch_s"] for e in epochs)
+    return sum(e["time/samples_per_s"] * e["time/epoch_s"] for e in epochs), seconds
+
+
 def _pss(process: psutil.Process) -> int:
     """Bytes; 0 for a process that ended between listing and reading."""
     rollup = Path(f"/proc/{process.pid}/smaps_rollup")

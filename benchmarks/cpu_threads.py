@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, header, load_average, ratio_line
+from common import REPO, exit_if_failed, header, load_average, ratio_line, training_rate
 
 RECIPES = {"demo": ["demo"], "realistic": ["realistic_ich_unet", "realistic_ich"]}
 # One training epoch and no validation: the run stops after epoch 1, before epoch 2's validation.
@@ -50,13 +50,9 @@ def run(experiment: str, threads: int | None, *, steps: int, run_dir: Path, cach
     log = run_dir.with_suffix(".log")
     with open(log, "w") as out:
         code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
-    if code:
-        sys.exit(f"{shlex.join(cmd)} failed with exit code {code}; its output ends:\n"
-                 + "\n".join(log.read_text().splitlines()[-20:]))
+    exit_if_failed(cmd, code, log)
     summary = json.loads((run_dir / "summary.json").read_text())
-    epochs = summary["history"]
-    seconds = sum(e["time/epoch_s"] for e in epochs)
-    samples = sum(e["time/samples_per_s"] * e["time/epoch_s"] for e in epochs)
+    samples, seconds = training_rate(summary)
     return {"experiment": experiment, "setting": setting, "run_dir": str(run_dir),
             "cpu_threads": summary["cpu_threads"], "loader_workers": summary["loader_workers"],
             "samples": samples, "train_s": seconds, "samples_per_s": samples / seconds}

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, PeakTreeMemory, header, load_average, ratio_line
+from common import REPO, PeakTreeMemory, exit_if_failed, header, load_average, ratio_line, training_rate
 
 from samft.data.demo import ensure_demo_dataset
 
@@ -51,13 +51,9 @@ def run(cache: str, workers: int, *, size: str, demo: Path, run_dir: Path) -> di
         with PeakTreeMemory(process.pid) as memory:
             code = process.wait()
     wall = time.perf_counter() - start
-    if code:
-        sys.exit(f"{' '.join(cmd)} failed with exit code {code}; its output ends:\n"
-                 + "\n".join(log.read_text().splitlines()[-20:]))
+    exit_if_failed(cmd, code, log)
     summary = json.loads((run_dir / "summary.json").read_text())
-    epochs = summary["history"]
-    seconds = sum(e["time/epoch_s"] for e in epochs)
-    samples = sum(e["time/samples_per_s"] * e["time/epoch_s"] for e in epochs)
+    samples, seconds = training_rate(summary)
     return {"samples_per_s": samples / seconds, "samples": samples, "train_s": seconds, "wall_s": wall,
             "main_rss_mib": summary["peak_memory_mb"], "tree_pss_mib": memory.pss / 2**20}
 
