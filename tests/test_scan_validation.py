@@ -11,15 +11,11 @@ from contextlib import nullcontext
 import pandas as pd
 import pytest
 import torch
+from helpers.tiny_unet import tiny_unet_on_demo
 from omegaconf import OmegaConf
 
-from samft.config import TrainConfig
-from samft.data.datamodule import build_datasets
-from samft.data.records import source_records
-from samft.data.transforms import Preprocessing
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.engine.validation import ScanValidation
-from samft.model import build_model_from_config
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +23,7 @@ def run(tmp_path_factory: pytest.TempPathFactory):
     """A U-Net checkpoint (random weights, its output bias set so that about 1 % of a scan is predicted) on
     the demo data's validation split, with the config a run stores."""
     root = tmp_path_factory.mktemp("scanval")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
-        "data": {"source": "demo", "demo_dir": str(root / "demo"), "demo_patients": 3, "spacing": [2.0, 2.0, 5.0],
-                 "roi_size": [32, 32, 8], "cache": "none"},
-        "model": {"name": "unet", "prompt_mode": "auto", "ich_loss_weight": 0.0,
-                  "unet": {"channels": [4, 8], "strides": [[2, 2, 2]]}},
-    })
-    torch.manual_seed(0)
-    model = build_model_from_config(cfg.model).eval()
-    preprocessing = Preprocessing.from_config(cfg.data, None)
-    val_records = source_records(cfg.data, seed=cfg.seed)[1]
-    scans = build_datasets(train_records=[], val_records=val_records, preprocessing=preprocessing, cache="none")[1]
+    cfg, model, preprocessing, scans, val_records = tiny_unet_on_demo(root, patients=3)
     with torch.no_grad():
         logits = model.segment(scans[0]["image"].as_tensor()[None, :, :32, :32, :8]).logits[0]
     bias = [p for name, p in model.named_parameters() if name.endswith("bias") and p.numel() == 1][-1]

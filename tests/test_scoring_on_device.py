@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from omegaconf import OmegaConf
 
 from samft.scoring import case_metrics
 
@@ -98,24 +97,11 @@ def test_scores_read_the_host_once_and_twice_with_hd95(host_reads: dict[str, Any
 
 
 def test_whole_scan_validation_scores_on_the_runs_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from samft.config import TrainConfig
-    from samft.data.datamodule import build_datasets
-    from samft.data.records import source_records
-    from samft.data.transforms import Preprocessing
-    from samft.engine import validation as V
-    from samft.model import build_model_from_config
+    from helpers.tiny_unet import tiny_unet_on_demo
 
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
-        "data": {"source": "demo", "demo_dir": str(tmp_path / "demo"), "demo_patients": 2, "spacing": [2.0, 2.0, 5.0],
-                 "roi_size": [32, 32, 8], "cache": "none"},
-        "model": {"name": "unet", "prompt_mode": "auto", "ich_loss_weight": 0.0,
-                  "unet": {"channels": [4, 8], "strides": [[2, 2, 2]]}},
-    })
-    torch.manual_seed(0)
-    model = build_model_from_config(cfg.model).eval()
-    preprocessing = Preprocessing.from_config(cfg.data, None)
-    records = source_records(cfg.data, seed=cfg.seed)[1]
-    scans = build_datasets(train_records=[], val_records=records, preprocessing=preprocessing, cache="none")[1]
+    from samft.engine import validation as V
+
+    _, model, preprocessing, scans, records = tiny_unet_on_demo(tmp_path, patients=2)
     validation = V.ScanValidation(scans=scans, transform=preprocessing.transforms("val"), records=records,
                                   roi_size=preprocessing.roi, overlap=0.25, air=preprocessing.air, prompt_mode="auto")
     device = torch.device("cpu")
