@@ -1,15 +1,17 @@
-"""Training samples/s with `hardware.cpu_threads` at its default (null) against torch's old default (one per CPU).
+"""Training samples/s with `hardware.cpu_threads` at its default (null) against a core spared per loader worker.
 
     python benchmarks/cpu_threads.py                          # experiment=demo, 5 steps a run, A/B/B/A
     python benchmarks/cpu_threads.py --recipe realistic       # realistic_ich_unet and realistic_ich on SAMFT_ICH_DATA
     python benchmarks/cpu_threads.py --steps 1 --rounds 1 --extra "data.batch_size=1"   # smoke run
 
-torch's default intra-op thread count is one per CPU, beside the loader workers; on a 2-core machine that
-oversubscribes the cores. `hardware.cpu_threads=null` (samft's default) takes the usable CPUs less one per
-loader worker (samft.devices.set_cpu_threads). Every run is one fresh process of
+A loader worker that reads and resamples every scan needs a core of its own; one that crops cached scans does
+not. `hardware.cpu_threads=null` (samft's default, samft.devices.set_cpu_threads) takes all usable CPUs when the
+scans are cached (`data.cache=memory|disk`) and spares a core per worker only without a cache. A spares a core for
+each default loader worker (the default before the preprocessing cache), B is the default. Every run is one fresh
+process of
 `python -m samft.train experiment=E epochs=2 val_every=2 stop_after_epoch=1 logger=none max_steps_per_epoch=N
-data.cache=disk hardware.cpu_threads=T` (one training epoch, stopped before the first validation), T the CPU
-count (A: torch's old default) or null (B: samft's), in the order A B B A (two --rounds) so that drift in the
+data.cache=disk hardware.cpu_threads=T` (one training epoch, stopped before the first validation), T the usable
+CPUs less the default loader workers (A) or null (B), in the order A B B A (two --rounds) so that drift in the
 machine's load falls on both alike. The disk cache lives in one folder under --out shared by all runs, so only
 the first run preprocesses (untimed either way); the figure is summary.json's training samples/s (samples over
 the training epoch's seconds: start-up and checkpoints excluded), averaged over a setting's runs. Each run's
@@ -29,6 +31,9 @@ import time
 from pathlib import Path
 
 from common import REPO, exit_if_failed, header, load_average, ratio_line, training_rate
+
+from samft.data.datamodule import default_num_workers
+from samft.devices import available_cpus
 
 RECIPES = {"demo": ["demo"], "realistic": ["realistic_ich_unet", "realistic_ich"]}
 # One training epoch and no validation: the run stops after epoch 1, before epoch 2's validation.
@@ -79,19 +84,19 @@ def main() -> None:
             sys.exit(f"skipped: no realistic ICH data at {root} (no train.csv); set SAMFT_ICH_DATA to the folder "
                      f"(see experiments/realistic_ich.md) or use --recipe demo")
         overrides = [f"data.root={root}", *overrides]
-    old_default = os.cpu_count() or 1  # what torch picks without an explicit setting
+    spared = max(1, available_cpus() - default_num_workers())  # a core left to each default loader worker
 
     print(header(__file__))
     print(f"runs: python -m samft.train experiment=E {' '.join(RUN)} max_steps_per_epoch={args.steps} "
-          f"data.cache=disk {' '.join(overrides)}; A: hardware.cpu_threads={old_default} "
-          f"(torch's default, os.cpu_count()), B: hardware.cpu_threads=null (samft's default)")
+          f"data.cache=disk {' '.join(overrides)}; A: hardware.cpu_threads={spared} (a core spared per default "
+          f"loader worker), B: hardware.cpu_threads=null (samft's default)")
     with tempfile.TemporaryDirectory(prefix="samft-threads-") as tmp:
         out = (args.out or Path(tmp)).resolve()
         out.mkdir(parents=True, exist_ok=True)
         results: list[dict] = []
         for experiment in RECIPES[args.recipe]:
             for r in range(args.rounds):
-                for threads in ((old_default, None) if r % 2 == 0 else (None, old_default)):
+                for threads in ((spared, None) if r % 2 == 0 else (None, spared)):
                     name = f"{experiment}-{'A' if threads else 'B'}{r}"
                     start = time.perf_counter()
                     result = run(experiment, threads, steps=args.steps, run_dir=out / name,
@@ -102,18 +107,18 @@ def main() -> None:
                           f"{result['samples_per_s']:.4f} samples/s ({result['samples']:.0f} samples in "
                           f"{result['train_s']:.2f} s; process {time.perf_counter() - start:.1f} s); "
                           f"load average {load_average()}", flush=True)
-        (out / "report.json").write_text(json.dumps({"old_default": old_default, "steps": args.steps,
+        (out / "report.json").write_text(json.dumps({"spared": spared, "steps": args.steps,
                                                      "runs": results}, indent=2) + "\n")
 
         print()
         for experiment in RECIPES[args.recipe]:
             mean = {}
-            for setting in (str(old_default), "null"):
+            for setting in (str(spared), "null"):
                 speeds = [x["samples_per_s"] for x in results if x["experiment"] == experiment
                           and x["setting"] == setting]
                 mean[setting] = sum(speeds) / len(speeds)
-            print(ratio_line(f"experiment={experiment}, train samples/s, cpu_threads=null / cpu_threads={old_default}",
-                             mean["null"], mean[str(old_default)], unit="samples/s", higher_is_better=True))
+            print(ratio_line(f"experiment={experiment}, train samples/s, cpu_threads=null / cpu_threads={spared}",
+                             mean["null"], mean[str(spared)], unit="samples/s", higher_is_better=True))
         if args.out:
             print(f"runs, logs and report.json in {out}")
 

@@ -28,14 +28,16 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def set_cpu_threads(requested: int | None, *, usable_cpus: int, num_workers: int, processes: int = 1) -> int:
+def set_cpu_threads(requested: int | None, *, usable_cpus: int, busy_workers: int, processes: int = 1) -> int:
     """Set torch's intra- and inter-op threads for this process and return the intra-op count now in force.
 
-    requested None: the usable CPUs shared by the `processes` of this machine's run, less one CPU per loader
-    worker, at least 1 (on 2 cores, torch's default two threads beside a busy loader worker oversubscribe them).
+    requested None: the usable CPUs shared by the `processes` of this machine's run, less one CPU per busy loader
+    worker, at least 1. A worker that reads and resamples scans (no preprocessing cache) is busy: on 2 cores,
+    torch's two threads beside it oversubscribe them. A worker that only crops and augments cached scans is not:
+    leaving it a core costs 30-36 % of the training speed (benchmarks/cpu_threads.py).
     Inter-op threads can be set only before torch's first parallel work; after that the current value is kept.
     """
-    threads = requested or max(1, usable_cpus // max(1, processes) - num_workers)
+    threads = requested or max(1, usable_cpus // max(1, processes) - busy_workers)
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # already fixed by earlier parallel work in this process
         torch.set_num_interop_threads(threads)

@@ -46,6 +46,13 @@ def saved_config(run_dir: Path) -> DictConfig:
     return typed
 
 
+def pin_thread_count(cfg: DictConfig, summary: dict[str, Any]) -> None:
+    """A run that left `hardware.cpu_threads` to the default re-runs with the thread count it recorded: the default
+    depends on the machine and the cache, and another count changes the order of float sums."""
+    if cfg.hardware.cpu_threads is None and summary.get("cpu_threads"):
+        cfg.hardware.cpu_threads = summary["cpu_threads"]
+
+
 def compare(old: dict[str, Any], new: dict[str, Any], *, epochs: int | None = None) -> list[str]:
     """Lines describing every difference that matters between two summary.json contents (with `epochs`: between
     the first `epochs` epochs of `old` and the whole of `new`)."""
@@ -97,7 +104,9 @@ def reproduce(run_dir: Path, output: Path | None = None, *, epochs: int | None =
     old_summary_path = run_dir / "summary.json"
     if not old_summary_path.exists():
         raise UserError(f"{run_dir} has no summary.json to compare with; did the run finish?")
+    old = json.loads(old_summary_path.read_text())
     cfg = saved_config(run_dir)
+    pin_thread_count(cfg, old)
     if epochs is not None:
         if epochs < 1:
             raise UserError(f"--epochs {epochs}: give a number of epochs >= 1")
@@ -109,7 +118,6 @@ def reproduce(run_dir: Path, output: Path | None = None, *, epochs: int | None =
     _log_to(output / "train.log")
     OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(cfg))), output / "reproduced_config.yaml")
     run_training(cfg, output)
-    old = json.loads(old_summary_path.read_text())
     new = json.loads((output / "summary.json").read_text())
     return output, compare(old, new, epochs=epochs)
 

@@ -93,7 +93,8 @@ def train_this_process(cfg: DictConfig, run_dir: Path) -> float:
     if device.type == "cuda" and distributed.is_active():
         device = distributed.cuda_device()
     workers = default_num_workers() if cfg.hardware.num_workers is None else cfg.hardware.num_workers
-    threads = set_cpu_threads(cfg.hardware.cpu_threads, usable_cpus=available_cpus(), num_workers=workers,
+    busy_workers = workers if cfg.data.cache == "none" else 0  # cached scans leave the workers light
+    threads = set_cpu_threads(cfg.hardware.cpu_threads, usable_cpus=available_cpus(), busy_workers=busy_workers,
                               processes=distributed.local_world_size())
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # no URL password in any file or tracker
     if main:
