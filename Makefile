@@ -5,6 +5,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.samft-installed
+# Two pytest workers (pytest-xdist): most of the suite's time is single-threaded (subprocesses importing monai and
+# composing Hydra), which two workers overlap on two cores; more would run several multi-threaded training
+# subprocesses side by side (and -n auto is the CPU count, unbounded on a large CI machine). --dist loadfile keeps
+# each test module on one worker, so its module-scoped fixtures (the shared smoke run, demo data, sweeps) are built
+# once. TEST_WORKERS=0 runs the suite in one process; PYTEST_ARGS adds options (e.g. --junitxml=report.xml).
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
+PYTEST = $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 .PHONY: demo test test-fast setup
 
@@ -13,11 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra
+	$(PYTEST)
 
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(PYTEST) -m "not slow"
 
 setup: $(STAMP)
 
