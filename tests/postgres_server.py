@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUPERUSER = "samft"
+PORT_ATTEMPTS = 3
 
 
 def find_bin() -> Path | None:
@@ -79,7 +80,7 @@ def running_server(bin_dir: Path) -> Iterator[Server]:
     env = {**os.environ, "HOME": str(root), "LC_ALL": "C", "TZ": "UTC"}
 
     def run(*args: str) -> None:
-        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=120, **run_as)
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=300, **run_as)
         if proc.returncode != 0:
             log = root / "server.log"
             raise RuntimeError(f"{' '.join(args[:2])} failed: {proc.stdout}{proc.stderr}"
@@ -95,10 +96,20 @@ def running_server(bin_dir: Path) -> Iterator[Server]:
         run(str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", SUPERUSER, f"--pwfile={pwfile}",
             "--auth=scram-sha-256", "-E", "UTF8", "--no-instructions")
         pwfile.unlink()
-        port = _free_port()
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60"
-        run(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "server.log"), "-w", "-t", "60",
-            "-o", options, "start")
+        # The port is free when chosen but not reserved: another process (a second pytest worker's server or
+        # process group) can take it before the server binds it, so a bind failure is retried on a new port.
+        for attempt in range(PORT_ATTEMPTS):
+            port = _free_port()
+            options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60"
+            (root / "server.log").unlink(missing_ok=True)  # pg_ctl appends: the error below is this attempt's
+            try:
+                run(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "server.log"), "-w",
+                    "-t", "120", "-o", options, "start")
+            except RuntimeError as err:
+                if "could not bind" not in str(err) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                continue
+            break
         started = True
         yield Server(host="127.0.0.1", port=port, password=password)
     finally:

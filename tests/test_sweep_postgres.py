@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import postgres_server
 import pytest
 import torch
 from postgres_server import Server, find_bin, running_server
@@ -33,8 +35,8 @@ ENV_STORAGE = "hparams_search.storage=${oc.env:SAMFT_OPTUNA_STORAGE}"
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[Server]:
-    """A PostgreSQL server for the session (as an unprivileged user when the tests run as root)."""
+def postgres_bin() -> Path:
+    """The folder of initdb and pg_ctl; skips the test without them (fails it when SAMFT_REQUIRE_POSTGRES=1)."""
     bin_dir = find_bin()
     if bin_dir is None:
         reason = ("no PostgreSQL server binaries (initdb, pg_ctl) on PATH, in /usr/lib/postgresql/*/bin or in "
@@ -42,8 +44,31 @@ def postgres() -> Iterator[Server]:
         if os.environ.get("SAMFT_REQUIRE_POSTGRES") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    with running_server(bin_dir) as server:
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def postgres(postgres_bin: Path) -> Iterator[Server]:
+    """A PostgreSQL server for the session (as an unprivileged user when the tests run as root)."""
+    with running_server(postgres_bin) as server:
         yield server
+
+
+def test_the_server_moves_to_another_port_when_its_first_choice_is_taken(postgres_bin: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A free port is not reserved: a second pytest worker can bind it before the server does (here a socket
+    listening on it), which costs a retry on a new port, not a failed test."""
+    import psycopg2
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        choose = postgres_server._free_port
+        monkeypatch.setattr(postgres_server, "_free_port", lambda: next(ports, None) or choose())
+        with running_server(postgres_bin) as server:
+            assert server.port != taken.getsockname()[1]
+            psycopg2.connect(server.url()).close()
 
 
 def start_worker(root: Path, name: str, *, n_trials: int, storage_override: str, env: dict) -> subprocess.Popen:
