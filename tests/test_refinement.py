@@ -63,3 +63,53 @@ def test_the_run_config_rebuilds_the_head() -> None:
     model = build_model_from_config(config, with_checkpoint=False)
     assert model.refiner is not None
     assert build_model_from_config({**config, "refine": False}, with_checkpoint=False).refiner is None
+
+
+def test_guidance_puts_each_click_on_the_head_grid_by_its_label() -> None:
+    from samft.model.heads import RefinementHead
+    from samft.model.prompts import NO_CLICK
+
+    head = RefinementHead(downsample=2, guidance_sigma=2.0)
+    like = torch.zeros(1)
+    coords = torch.tensor([[[9.0, 9.0, 9.0], [40.0, 20.0, 30.0], [60.0, 60.0, 60.0]]])
+    labels = torch.tensor([[1, 0, NO_CLICK]])
+    maps = head.guidance((coords, labels), batch=1, grid=[32, 32, 32], like=like)
+    assert maps.shape == (1, 2, 32, 32, 32)
+    # voxel 9 of the 64-voxel crop lies at (9 + 0.5) / 2 - 0.5 = 4.25 on the 32-voxel grid
+    torch.testing.assert_close(maps[0, 0, 4, 4, 4], torch.tensor(float(torch.exp(torch.tensor(-3 * 0.25**2 / 8)))))
+    assert tuple(torch.nonzero(maps[0, 0] == maps[0, 0].max())[0].tolist()) == (4, 4, 4)
+    assert tuple(torch.nonzero(maps[0, 1] == maps[0, 1].max())[0].tolist()) == (20, 10, 15)  # the negative click
+    assert maps[0, 0, 20, 10, 15] < 1e-6 and maps[0, 1, 4, 4, 4] < 1e-6  # each label in its own channel
+    assert maps[0, :, 30, 30, 30].max() < 1e-6  # the NO_CLICK padding leaves no trace
+    assert not head.guidance(None, batch=2, grid=[32, 32, 32], like=like).any()  # prompt-free: no guidance
+
+
+def test_the_head_segments_the_clicked_one_of_two_identical_bleeds() -> None:
+    """Two equal bright cubes, the target is the clicked one: the frozen decoder and the image alone cannot tell
+    them apart (at best Dice 0.67 by marking both); the head's click guidance can."""
+    torch.manual_seed(0)
+    model = build_model(name="sam_med3d_tiny", visual_tokens=16, refine=True)
+    for name in SAM_PARTS:
+        getattr(model, name).requires_grad_(False)
+    image = torch.zeros(2, 1, 128, 128, 128)
+    target = torch.zeros_like(image)
+    cubes = ((slice(30, 38), slice(40, 48), slice(60, 68)), (slice(80, 88), slice(70, 78), slice(60, 68)))
+    for index, cube in enumerate(cubes):
+        image[(slice(None), 0, *cube)] = 1.0
+        target[(index, 0, *cube)] = 1.0
+    coords = torch.tensor([[[34.0, 44.0, 64.0]], [[84.0, 74.0, 64.0]]])
+    labels = torch.ones(2, 1, dtype=torch.long)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(10.0))
+    for _ in range(20):
+        loss = loss_fn(model.segment_points(image, coords=coords, labels=labels), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        pred = (model.segment_points(image, coords=coords, labels=labels) > 0).float()
+    per_sample = (1, 2, 3, 4)
+    dice = 2 * (pred * target).sum(dim=per_sample) / (pred.sum(dim=per_sample) + target.sum(dim=per_sample))
+    other_cube_marked = (pred * (1 - target) * image).sum(dim=per_sample) / target.sum(dim=per_sample)
+    # without guidance the same training marks about 80 % of the other cube and reaches Dice 0.57
+    assert (other_cube_marked < 0.1).all() and (dice > 0.7).all(), (other_cube_marked, dice)

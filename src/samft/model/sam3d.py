@@ -153,13 +153,15 @@ class SamMed3D(nn.Module):
     def segment_points(self, image: torch.Tensor, *, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Full-resolution logits B x 1 x S x S x S for image B x 1 x S x S x S and given clicks (coords B x N x 3
         in voxel indices, labels B x N: 1 positive, 0 negative)."""
-        return self.full_resolution(self.decode(self.encode(image), points=(coords, labels)), image)
+        points = (coords, labels)
+        return self.full_resolution(self.decode(self.encode(image), points=points), image, points=points)
 
-    def full_resolution(self, low_res: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def full_resolution(self, low_res: torch.Tensor, image: torch.Tensor,
+                        points: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Decoder logits B x 1 x S/4 x S/4 x S/4 -> B x 1 x S x S x S (upsampled, then refined if there is a
-        refinement head)."""
+        refinement head, which also sees the clicks `points`: coords B x N x 3, labels B x N)."""
         if self.refiner is not None:
-            return self.refiner(image, low_res)
+            return self.refiner(image, low_res, points)
         return F.interpolate(low_res, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
 
     def _click_rounds(
@@ -178,7 +180,7 @@ class SamMed3D(nn.Module):
             coords = torch.cat([coords, new_coords[:, None]], dim=1)
             labels = torch.cat([labels, new_labels[:, None]], dim=1)
             low_res = self._decode_clicks(features, coords, labels, mask_prompt)
-            logits.append(self.full_resolution(low_res, image))
+            logits.append(self.full_resolution(low_res, image, points=(coords, labels)))
             mask_prompt = low_res.detach()
         return logits
 
