@@ -3,12 +3,30 @@ learns detail finer than the decoder's 4-voxel grid, and predict/evaluate rebuil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from samft.model import build_model, build_model_from_config, load_weights
 from samft.model.build import SAM_PARTS
+
+
+def trained_head_logits(model: torch.nn.Module, logits_of: Callable[[], torch.Tensor], target: torch.Tensor, *,
+                        steps: int, pos_weight: float) -> torch.Tensor:
+    """Train only the refinement head of `model` (its SAM parts frozen) with Adam on weighted BCE between
+    `logits_of()` and `target` for `steps` steps; the logits afterwards."""
+    for name in SAM_PARTS:
+        getattr(model, name).requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+    for _ in range(steps):
+        loss = loss_fn(logits_of(), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return logits_of()
 
 
 def test_released_weights_load_strictly_beside_the_head(tmp_path: Path) -> None:
@@ -39,21 +57,13 @@ def test_the_head_learns_detail_below_the_decoder_grid() -> None:
     can fit it; after training its Dice exceeds what the official upsampling of any fixed logits gives here."""
     torch.manual_seed(0)
     model = build_model(name="sam_med3d_tiny", visual_tokens=16, refine=True)
-    for name in SAM_PARTS:
-        getattr(model, name).requires_grad_(False)
     image = torch.zeros(1, 1, 128, 128, 128)
     target = torch.zeros_like(image)
     image[..., 60:66, 61:67, 62:68] = 1.0
     target[..., 60:66, 61:67, 62:68] = 1.0
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(50.0))
-    for _ in range(25):
-        loss = loss_fn(model.segment(image, num_clicks=0).logits[0], target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        pred = (model.segment(image, num_clicks=0).logits[0] > 0).float()
+    logits = trained_head_logits(model, lambda: model.segment(image, num_clicks=0).logits[0], target, steps=25,
+                                 pos_weight=50.0)
+    pred = (logits > 0).float()
     dice = float(2 * (pred * target).sum() / (pred.sum() + target.sum()))
     assert dice > 0.5, dice
 
@@ -89,8 +99,6 @@ def test_the_head_segments_the_clicked_one_of_two_identical_bleeds() -> None:
     them apart (at best Dice 0.67 by marking both); the head's click guidance can."""
     torch.manual_seed(0)
     model = build_model(name="sam_med3d_tiny", visual_tokens=16, refine=True)
-    for name in SAM_PARTS:
-        getattr(model, name).requires_grad_(False)
     image = torch.zeros(2, 1, 128, 128, 128)
     target = torch.zeros_like(image)
     cubes = ((slice(30, 38), slice(40, 48), slice(60, 68)), (slice(80, 88), slice(70, 78), slice(60, 68)))
@@ -99,15 +107,9 @@ def test_the_head_segments_the_clicked_one_of_two_identical_bleeds() -> None:
         target[(index, 0, *cube)] = 1.0
     coords = torch.tensor([[[34.0, 44.0, 64.0]], [[84.0, 74.0, 64.0]]])
     labels = torch.ones(2, 1, dtype=torch.long)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(10.0))
-    for _ in range(20):
-        loss = loss_fn(model.segment_points(image, coords=coords, labels=labels), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        pred = (model.segment_points(image, coords=coords, labels=labels) > 0).float()
+    logits = trained_head_logits(model, lambda: model.segment_points(image, coords=coords, labels=labels), target,
+                                 steps=20, pos_weight=10.0)
+    pred = (logits > 0).float()
     per_sample = (1, 2, 3, 4)
     dice = 2 * (pred * target).sum(dim=per_sample) / (pred.sum(dim=per_sample) + target.sum(dim=per_sample))
     other_cube_marked = (pred * (1 - target) * image).sum(dim=per_sample) / target.sum(dim=per_sample)
