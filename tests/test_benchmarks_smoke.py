@@ -18,6 +18,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from helpers.patience import patience
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -195,6 +196,6 @@ def test_cpu_threads_realistic_without_its_data_says_where_it_looked(tmp_path: P
     missing = tmp_path / "no-ich-data"
     result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_threads.py"), "--recipe", "realistic", "--out",
                              str(tmp_path / "out")], cwd=REPO, env={**os.environ, "SAMFT_ICH_DATA": str(missing)},
-                            capture_output=True, text=True, timeout=120, check=False)
+                            capture_output=True, text=True, timeout=patience(120), check=False)
     assert result.returncode == 1 and f"skipped: no realistic ICH data at {missing}" in result.stderr, result.stderr
     assert "SAMFT_ICH_DATA" in result.stderr and not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.patience import patience
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -125,7 +126,7 @@ def test_risky_settings_warn() -> None:
 def test_cli_rejects_bad_settings_with_exit_code_2(override: str, expected: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "samft.train", override, f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=patience(120),
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -144,7 +145,7 @@ def test_help_and_cfg_job_do_not_import_torch() -> None:
     )
     for flag in ("--help", "--cfg=job"):
         proc = subprocess.run([sys.executable, "-c", probe.format(flag=flag)], capture_output=True, text=True,
-                              timeout=60)
+                              timeout=patience(60))
         assert proc.returncode == 0, proc.stderr
         if flag == "--help":  # every config group with its options, then the composed config
             for line in ("hardware: cpu, ddp, gpu", "optim: adamw", "scheduler: cosine, plateau, poly, step",

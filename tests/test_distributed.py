@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.patience import patience
 from helpers.standin import TinySegmenter, assert_params_close, make_cases, params, settings
 from omegaconf import OmegaConf
 from torch import nn
@@ -222,7 +223,7 @@ def test_a_user_error_on_rank0_ends_the_waiting_rank_and_reaches_the_parent_as_i
                           mask_dir=str(tmp_path))
     with pytest.raises(UserError, match="none.csv"):
         distributed.spawn(_train_spawned, args=(config, str(tmp_path / "run")), nprocs=WORLD, backend="gloo",
-                          timeout_min=1)
+                          timeout_min=patience(1))
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
@@ -258,7 +259,8 @@ def oom_body(out: str) -> int:
 def test_an_oom_in_one_ranks_forward_skips_the_window_on_both_and_they_stay_in_step(tmp_path: Path) -> None:
     """The OOM leaves DDP's buffer-sync flag of rank 1 as the previous window set it: without a reset, rank 1
     broadcasts buffers before window 3 while rank 0 waits in another collective (a hang or a crash on NCCL)."""
-    assert distributed.spawn(oom_body, args=(str(tmp_path),), nprocs=WORLD, backend="gloo", timeout_min=0.5) == 0
+    assert distributed.spawn(oom_body, args=(str(tmp_path),), nprocs=WORLD, backend="gloo",
+                              timeout_min=patience(0.5)) == 0
     ranks = [result(tmp_path, "oom", rank) for rank in range(WORLD)]
     for got in ranks:
         assert got["summary"]["global_step"] == 2 and got["summary"]["events"]["skipped_steps"] == 1

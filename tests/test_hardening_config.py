@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from helpers.hardening import run_cli
+from helpers.patience import patience
 from omegaconf import OmegaConf
 
 from samft.config import TrainConfig, validate
@@ -95,7 +96,7 @@ def test_resume_removes_stale_checkpoint_temporaries_only(tmp_path: Path) -> Non
         "import samft.engine.checkpoint as c\n"
         "c.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         "c.save_checkpoint({'format': c.FORMAT, 'epoch': 2}, c.Path(sys.argv[1]))\n"),
-        str(tmp_path / "latest_model.pth")], timeout=120)
+        str(tmp_path / "latest_model.pth")], timeout=patience(120))
     assert killed.returncode == -9
     stale = next(tmp_path.glob(".latest_model.pth.*.tmp"))
     assert stale.stat().st_size > 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers.patience import patience
 from helpers.standin import make_trainer, settings
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -304,7 +305,8 @@ def test_hydra_list_selection_is_refused_with_the_fix() -> None:
 def test_entry_point_refuses_list_selection_with_exit_code_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "samft.train", "logger=[csv,mlflow]", f"output_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=patience(120),
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "logger=many logger.loggers=[csv,mlflow]" in result.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from helpers.patience import patience
 from optuna.trial import TrialState
 
 from samft.sweep.liveness import REASON_ATTR, WORKER_ATTR, worker_identity
@@ -94,7 +95,7 @@ def test_a_running_trial_keeps_beating_and_another_worker_leaves_it_alone(tmp_pa
             "sleep_s=9"]
     slow = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     storage = optuna.storages.RDBStorage(url)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + patience(120)
     while not optuna.load_study(study_name="app", storage=storage).trials:
         assert time.monotonic() < deadline and slow.poll() is None, slow.communicate()[0][-3000:]
         time.sleep(0.2)
@@ -102,7 +103,7 @@ def test_a_running_trial_keeps_beating_and_another_worker_leaves_it_alone(tmp_pa
     # a second worker on another sweep folder checks the study for dead trials before its own trial
     sweep(tmp_path / "other", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={url}",
           "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
-    assert slow.wait(timeout=120) == 0, slow.communicate()[0][-3000:]
+    assert slow.wait(timeout=patience(120)) == 0, slow.communicate()[0][-3000:]
     trials = optuna.load_study(study_name="app", storage=url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     with sqlite3.connect(tmp_path / "optuna.db") as db:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.patience import patience
 from omegaconf import OmegaConf
 
 from samft.config import validate
@@ -108,7 +109,7 @@ def test_config_round_trips_through_hydra_folder(smoke_run) -> None:
 def test_rerun_from_the_hydra_folder_composes_the_same_config(smoke_run, tmp_path: Path) -> None:
     run_dir, _ = smoke_run
     proc = run_module("samft.train", "--config-path", str(run_dir / ".hydra"), "--config-name", "config",
-                      "--cfg", "job", cwd=tmp_path, timeout=120)
+                      "--cfg", "job", cwd=tmp_path, timeout=patience(120))
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout) == yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
 

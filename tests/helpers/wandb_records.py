@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from helpers.patience import patience
+
 
 def run_files(run_dir: Path, run_id: str) -> list[Path]:
     """The `.wandb` files of run `run_id` under `run_dir/wandb` (one per start of the run), oldest first."""
@@ -15,8 +17,9 @@ def run_files(run_dir: Path, run_id: str) -> list[Path]:
 
 
 def read_records(path: Path, *, timeout_s: float = 30.0) -> list[tuple[str, Any]]:
-    """The records of a finished run; wandb's service process may still be flushing the file after finish()."""
-    deadline = time.monotonic() + timeout_s
+    """The records of a finished run; wandb's service process may still be flushing the file after finish()
+    (`timeout_s` for a test alone on the machine, stretched for the pytest workers beside it)."""
+    deadline = time.monotonic() + patience(timeout_s)
     while True:
         found = decode(path)
         if any(kind == "exit" for kind, _ in found) or time.monotonic() > deadline:
