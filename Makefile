@@ -9,10 +9,11 @@ STAMP := $(VENV)/.samft-installed
 # composing Hydra), which two workers overlap on two cores; more would run several multi-threaded training
 # subprocesses side by side (and -n auto is the CPU count, unbounded on a large CI machine). --dist loadfile keeps
 # each test module on one worker, so its module-scoped fixtures (the shared smoke run, demo data, sweeps) are built
-# once. TEST_WORKERS=0 runs the suite in one process; PYTEST_ARGS adds options (e.g. --junitxml=report.xml).
+# once; --no-loadscope-reorder keeps tests/conftest.py's order (the longest modules first) instead of xdist's
+# (most tests first). TEST_WORKERS=0 runs the suite in one process; PYTEST_ARGS adds options (--junitxml=...).
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
-PYTEST = $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+PYTEST = $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 .PHONY: demo test test-fast setup
 
