@@ -148,7 +148,7 @@ def test_a_locked_study_database_is_one_line_naming_it(tmp_path: Path) -> None:
         db = sqlite3.connect(tmp_path / "optuna.db", isolation_level=None, check_same_thread=False)
         db.execute("BEGIN EXCLUSIVE")
         holding.set()
-        release.wait(120)
+        release.wait(patience(120))  # past the sweep below, which must meet the lock
         db.execute("ROLLBACK")
         db.close()
 
