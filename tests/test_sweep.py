@@ -79,19 +79,20 @@ def test_failed_and_nan_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path
     assert not any(s == optuna.trial.TrialState.RUNNING for s in states)
 
 
-def test_a_trial_worse_than_the_median_is_pruned(tmp_path: Path) -> None:
-    sweep(tmp_path, "bad_trial=2", "hydra.sweeper.n_trials=3")
+def test_a_trial_worse_than_the_median_is_pruned_after_the_warmup(tmp_path: Path) -> None:
+    """The warm-up reaches each job through the sweeper's `trial.*` overrides (without it: pruned at epoch 1)."""
+    sweep(tmp_path, "bad_trial=2", "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner_warmup_epochs=2")
     trials = study(tmp_path).trials
     assert [t.state for t in trials[:2]] == [optuna.trial.TrialState.COMPLETE] * 2
     assert trials[2].state == optuna.trial.TrialState.PRUNED
-    assert list(trials[2].intermediate_values) == [1]  # stopped after its first epoch, not run to the 4th
+    assert list(trials[2].intermediate_values) == [1, 2, 3]  # spared for 2 epochs, stopped after the 3rd of 4
     table = pd.read_csv(tmp_path / "trials.csv")
     assert table.loc[2, "state"] == "PRUNED"
-    assert list(table["epochs_run"]) == [4, 4, 1]  # from each run's summary.json: the pruned one ran 1 epoch
+    assert list(table["epochs_run"]) == [4, 4, 3]  # from each run's summary.json: the pruned one ran 3 epochs
 
 
 def test_pruner_none_never_prunes(first_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
-    assert "bad_trial=2" in FIRST  # a trial the median pruner stops (test_a_trial_worse_than_the_median_is_pruned)
+    assert "bad_trial=2" in FIRST  # a trial the median pruner stops (test_a_trial_worse_than_the_median_is_pruned_*)
     assert study(first_sweep[0]).trials[2].state == optuna.trial.TrialState.COMPLETE
 
 

@@ -92,6 +92,9 @@ RANGES: dict[str, Bound] = {
     "stop_after_epoch": (1, None, False),
     "max_consecutive_failures": (1, None, False),
     "seed": (0, 2**32 - 1, False),
+    # a sweep's hparams_search.pruner_warmup_epochs and pruner_startup_trials, as each trial's job receives them
+    "trial.pruner_warmup_epochs": (0, None, False),
+    "trial.pruner_startup_trials": (0, None, False),
 }
 
 # conf/predict.yaml, evaluate.yaml, baseline.yaml: the keys of every tool that reads scans (config.ScanToolConfig),

@@ -174,6 +174,8 @@ class TrialConfig:
     study_name: str | None = None
     storage: str | None = None
     pruner: str = "none"
+    pruner_warmup_epochs: int = 0  # hparams_search.pruner_warmup_epochs (samft.sweep.pruning.make_pruner)
+    pruner_startup_trials: int = 2  # hparams_search.pruner_startup_trials
 
 
 @dataclass

@@ -223,7 +223,8 @@ def _pruning_callback(cfg: DictConfig):
 
     return TrialReporter(
         storage=cfg.trial.storage, study_name=cfg.trial.study_name, number=cfg.trial.number,
-        pruner=cfg.trial.pruner,
+        pruner=cfg.trial.pruner, warmup_epochs=cfg.trial.pruner_warmup_epochs,
+        startup_trials=cfg.trial.pruner_startup_trials, epochs=cfg.epochs,
     )
 
 

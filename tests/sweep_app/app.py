@@ -31,7 +31,8 @@ def task(cfg: DictConfig) -> float:
         (Path(HydraConfig.get().runtime.output_dir) / "summary.json").write_text(json.dumps(summary))
         return cfg.x
     reporter = TrialReporter(storage=cfg.trial.storage, study_name=cfg.trial.study_name, number=number,
-                             pruner=cfg.trial.pruner)
+                             pruner=cfg.trial.pruner, warmup_epochs=cfg.trial.pruner_warmup_epochs,
+                             startup_trials=cfg.trial.pruner_startup_trials, epochs=cfg.epochs)
     value = 0.0 if number == cfg.bad_trial else cfg.x
     summary_file = Path(HydraConfig.get().runtime.output_dir) / "summary.json"
     for epoch in range(1, cfg.epochs + 1):

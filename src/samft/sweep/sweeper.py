@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
-from omegaconf import read_write
+from omegaconf import OmegaConf, read_write
 
 from samft.redact import redact
 from samft.sweep.liveness import (
@@ -59,10 +59,11 @@ _STOCK_HOOKS = ("_process_searchspace_config", "_parse_sweeper_params_config", "
 
 
 class PruningSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *, pruner: str, heartbeat_interval: int = 30, grace_period: int = 120,
-                 **kwargs: Any) -> None:
+    def __init__(self, *, pruner: str, pruner_warmup_epochs: int = 0, pruner_startup_trials: int = 2,
+                 heartbeat_interval: int = 30, grace_period: int = 120, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pruner_name = pruner
+        self.pruner_warmup_epochs, self.pruner_startup_trials = pruner_warmup_epochs, pruner_startup_trials
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
 
     def sweep(self, arguments: list[str]) -> None:
@@ -72,6 +73,10 @@ class PruningSweeperImpl(OptunaSweeperImpl):
             log.warning("this hydra-optuna-sweeper has no %s; running its stock sweep, without samft's pruning, "
                         "heartbeats, resumable storage and failure handling", ", ".join(missing))
             return super().sweep(arguments)
+        # checked (one line naming the hparams_search key) before the study or any trial exists
+        pruner = make_pruner(self.pruner_name, warmup_epochs=self.pruner_warmup_epochs,
+                             startup_trials=self.pruner_startup_trials)
+        self._warn_if_warmup_covers_the_run()
         self._process_searchspace_config()
         distributions, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
         for name in fixed:
@@ -85,7 +90,7 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         with database_errors(url):
             study = optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self.sampler,
-                direction=self._get_directions()[0], pruner=make_pruner(self.pruner_name), load_if_exists=True,
+                direction=self._get_directions()[0], pruner=pruner, load_if_exists=True,
             )
             fail_dead_trials(study, storage, grace_period=self.grace_period)
             if study.trials:
@@ -105,8 +110,7 @@ class PruningSweeperImpl(OptunaSweeperImpl):
                     distributions: dict[str, Any], fixed: dict[str, Any], url: str) -> list[int] | None:
         """Ask, launch and tell batches of `n_jobs` trials until this worker's `n_trials` are done. Returns None,
         or after Ctrl-C (the sweep then stops) the numbers of the trials it interrupted, recorded as FAIL."""
-        identity = (f"trial.study_name={study.study_name}", f"trial.storage='{_storage_for_jobs(url)}'",
-                    f"trial.pruner={self.pruner_name}")
+        identity = self.job_overrides(study.study_name, url)
         worker = worker_identity()
         remaining = self.n_trials
         pending: list[optuna.trial.Trial] = []  # asked and not yet told
@@ -150,6 +154,19 @@ class PruningSweeperImpl(OptunaSweeperImpl):
                 _fail(study, trial, "interrupted by Ctrl-C")
             return [trial.number for trial in pending]
         return None
+
+    def job_overrides(self, study_name: str, url: str) -> tuple[str, ...]:
+        """The `trial.*` overrides every job of this sweep gets besides its number: where its trial is and how
+        to prune it (samft.runner builds its TrialReporter from them)."""
+        return (f"trial.study_name={study_name}", f"trial.storage='{_storage_for_jobs(url)}'",
+                f"trial.pruner={self.pruner_name}", f"trial.pruner_warmup_epochs={self.pruner_warmup_epochs}",
+                f"trial.pruner_startup_trials={self.pruner_startup_trials}")
+
+    def _warn_if_warmup_covers_the_run(self) -> None:
+        epochs = OmegaConf.select(self.config, "epochs", default=None)
+        if self.pruner_name != "none" and isinstance(epochs, int) and self.pruner_warmup_epochs >= epochs:
+            log.warning("hparams_search.pruner_warmup_epochs=%d covers all %d epochs: no trial will be pruned",
+                        self.pruner_warmup_epochs, epochs)
 
     def _hide_hydra_override_secrets(self) -> None:
         """A URL with a password typed as a hydra override (`hydra.sweeper.storage=postgresql://u:pw@...`) would
