@@ -28,7 +28,7 @@ RATIO = re.compile(r"^ratio .+ = \d+\.\d+x", re.MULTILINE)
 def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
+                            text=True, timeout=patience(600), check=False)
     if check:
         assert result.returncode == 0, f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         assert "commit" in result.stdout and "machine" in result.stdout, result.stdout

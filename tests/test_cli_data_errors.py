@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.patience import patience
 from omegaconf import OmegaConf
 
 from samft.data.records import load_records
@@ -56,7 +57,7 @@ def train(folder: Path, *extra: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "samft.train", "data=csv", f"data.train_csv={folder / 'train.csv'}",
          f"data.val_csv={folder / 'val.csv'}", f"data.mask_dir={folder / 'masks'}", f"output_dir={folder / 'out'}",
          *extra],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=patience(300),
     )
 
 

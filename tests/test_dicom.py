@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from helpers.patience import patience
 from monai.transforms import LoadImage
 from omegaconf import OmegaConf
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -461,7 +462,7 @@ def test_predict_cli_batch_of_series_reports_a_bad_series_in_one_line(tmp_path: 
     proc = subprocess.run(
         [sys.executable, "-m", "samft.predict", f"ckpt={tiny_checkpoint}", f"input={batch}",
          f"output={tmp_path / 'out'}", "output_format=dicom_seg", "device=cpu"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=patience(300),
         env={**os.environ, "SAMFT_LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

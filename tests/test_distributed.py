@@ -321,7 +321,7 @@ def test_two_sweep_workers_sharing_one_storage_run_disjoint_trials(tmp_path: Pat
         )
         for name in ("worker_a", "worker_b")
     ]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    outputs = [w.communicate(timeout=patience(300))[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     trials = optuna.load_study(study_name="app", storage=storage).trials
     assert sorted(t.number for t in trials) == list(range(6))
@@ -336,7 +336,8 @@ def test_two_sweep_workers_sharing_one_storage_run_disjoint_trials(tmp_path: Pat
 # ---------------------------------------------------------------------------------------------- whole runs
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "cache")}
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=cwd, env=env)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=patience(900), cwd=cwd,
+                          env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

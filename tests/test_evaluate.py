@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.patience import patience
 
 from samft.data.demo import ensure_demo_dataset
 from samft.engine.checkpoint import FORMAT, save_checkpoint
@@ -80,7 +81,8 @@ def test_evaluate_cli_writes_per_case_rows_summary_and_overlays(tmp_path: Path) 
     proc = subprocess.run(
         [sys.executable, "-m", "samft.evaluate", f"ckpt={tmp_path / 'best_model.pth'}", f"input={val_csv}",
          f"mask_dir={mask_dir}", f"output={tmp_path / 'eval'}", "click_from_label=true"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "SAMFT_LOG_DIR": str(tmp_path / "logs")},
+        capture_output=True, text=True, timeout=patience(600),
+        env={**os.environ, "SAMFT_LOG_DIR": str(tmp_path / "logs")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = pd.read_csv(val_csv)

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.patience import patience
 from omegaconf import OmegaConf
 
 from samft.baseline import intracranial_cavity, threshold_mask
@@ -90,7 +91,7 @@ def _write_cases(root: Path) -> Path:
 
 
 def _run(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=patience(300),
                           env={**os.environ, "SAMFT_LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"})
 
 

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.patience import patience
 from omegaconf import OmegaConf
 
 from samft.errors import UserError
@@ -73,7 +74,7 @@ def _cfg(**overrides: object) -> object:
 
 def _run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "samft.evaluate", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "SAMFT_LOG_DIR": str(tmp_path / "logs")})
+                          timeout=patience(300), env={**os.environ, "SAMFT_LOG_DIR": str(tmp_path / "logs")})
 
 
 def test_pred_dir_scores_hand_made_masks(tmp_path: Path) -> None:

@@ -319,7 +319,7 @@ def test_smoke_run_with_csv_tensorboard_and_mlflow(tmp_path: Path) -> None:
         [sys.executable, "-m", "samft.train", "experiment=smoke", "max_steps_per_epoch=1", "val_scans=1",
          "logger=many", "logger.loggers=[csv,tensorboard,mlflow]", f"output_dir={tmp_path}",
          f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, cwd=tmp_path, timeout=patience(600),
         env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,6 +15,7 @@ from pathlib import Path
 import medim
 import pytest
 import torch
+from helpers.patience import patience
 
 from samft.model import REGISTRY, build_model, build_sam
 
@@ -174,7 +175,7 @@ def test_benchmark_runs_tiny_at_equal_outputs():
     """The benchmark script end to end on the reduced size (it exits non-zero if outputs differ)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "model_vs_medim.py"
     result = subprocess.run([sys.executable, str(script), "--size", "tiny", "--repeats", "1"],
-                            capture_output=True, text=True, timeout=600, check=False)
+                            capture_output=True, text=True, timeout=patience(600), check=False)
     assert result.returncode == 0, result.stderr
     for words in ("equal outputs: max |diff|", "speed-up", "ratio", "commit", "machine"):
         assert words in result.stdout

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.patience import patience
 
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.export import load_encoder, save_encoder
@@ -132,7 +133,7 @@ def test_predict_cli_on_the_real_head_ct_keeps_shape_and_affine(tmp_path: Path, 
     proc = subprocess.run(
         [sys.executable, "-m", "samft.predict", f"ckpt={ckpt}", f"input={SHARED / 'head_ct.nii.gz'}",
          f"output={tmp_path / 'out'}", "probabilities=true"],
-        capture_output=True, text=True, timeout=300, env={**_env(), "SAMFT_LOG_DIR": str(tmp_path / "logs")},
+        capture_output=True, text=True, timeout=patience(300), env={**_env(), "SAMFT_LOG_DIR": str(tmp_path / "logs")},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     scan = nib.load(SHARED / "head_ct.nii.gz")
@@ -152,7 +153,7 @@ def test_predict_cli_reports_bad_inputs_per_file(tmp_path: Path, tiny_checkpoint
     (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
     proc = subprocess.run(
         [sys.executable, "-m", "samft.predict", f"ckpt={ckpt}", f"input={folder}", f"output={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=300, env={**_env(), "SAMFT_LOG_DIR": str(tmp_path / "logs")},
+        capture_output=True, text=True, timeout=patience(300), env={**_env(), "SAMFT_LOG_DIR": str(tmp_path / "logs")},
     )
     assert proc.returncode == 2
     assert "broken.nii.gz" in proc.stderr.strip().splitlines()[-1]

@@ -18,6 +18,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from helpers.patience import patience
 from helpers.wandb_records import history_rows, read_records, run_files
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -54,7 +55,7 @@ def env_for(root: Path, **extra: str) -> dict[str, str]:
 
 
 def run_module(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=patience(600), cwd=cwd,
                           env=env or env_for(cwd))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -103,13 +104,13 @@ def test_a_sweep_killed_with_a_running_trial_resumes_and_fails_that_trial(tmp_pa
     worker = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               cwd=tmp_path, env=env_for(tmp_path))
     trial_log = tmp_path / "sweeps" / STUDY / "trial_0" / "train.log"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + patience(300)
     # killed once the trial trains: it is RUNNING in the study and its run folder has a log
     while not (trial_log.is_file() and "samples" in trial_log.read_text()):
         assert worker.poll() is None and time.monotonic() < deadline, "the first sweep ended before its kill"
         time.sleep(0.2)
     worker.kill()
-    worker.wait(timeout=60)
+    worker.wait(timeout=patience(60))
     trials = optuna.load_study(study_name=STUDY, storage=storage_url(tmp_path)).trials
     assert [t.state for t in trials] == [TrialState.RUNNING]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.patience import patience
 from omegaconf import OmegaConf
 
 from samft.redact import redact
@@ -65,7 +66,7 @@ def test_a_run_writes_no_password_anywhere(tmp_path: Path) -> None:
         [sys.executable, "-m", "samft.train", "experiment=smoke", "epochs=1", "max_steps_per_epoch=1",
          "trial.storage=${oc.env:SAMFT_OPTUNA_STORAGE}", f"hydra.run.dir={run_dir}",
          f"data.demo_dir={tmp_path / 'demo'}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=patience(600), cwd=tmp_path, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     masked = url.replace(secret, "***")
@@ -74,7 +75,7 @@ def test_a_run_writes_no_password_anywhere(tmp_path: Path) -> None:
         assert torch.load(run_dir / name, map_location="cpu", weights_only=True)["config"]["trial"]["storage"] == masked
     # samft.reproduce re-runs it from .hydra/ (the URL resolves again) and saves the config it used
     proc = subprocess.run([sys.executable, "-m", "samft.reproduce", str(run_dir), "--output", str(tmp_path / "again")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+                          capture_output=True, text=True, timeout=patience(600), cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samft:***@db.invalid" in (tmp_path / "again" / "reproduced_config.yaml").read_text()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]

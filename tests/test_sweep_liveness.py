@@ -31,7 +31,7 @@ FAST = ("hydra.sweeper.pruner=none", "hydra.sweeper.sampler.seed=null")
 def sweep(sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, str(APP), "-m", f"hydra.sweep.dir={sweep_dir}", *FAST, *overrides],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=patience(300),
     )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -170,7 +170,7 @@ def test_a_sweep_opens_without_alembic_chatter(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "samft.train", "-m", "hparams_search=ich_optuna", "hparams_search.n_trials=0",
          f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True, text=True, timeout=patience(300), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "sweeps" / "ich_optuna" / "optuna.db").is_file()  # a fresh study was set up
@@ -190,12 +190,12 @@ def test_ctrl_c_in_a_real_training_trial_fails_it_and_stops_the_sweep(tmp_path: 
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     log = sweep_dir / "trial_0" / "train.log"
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + patience(400)
     while not (log.is_file() and "epoch 1/3" in log.read_text()):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
+    _, stderr = proc.communicate(timeout=patience(300))
     assert proc.returncode == 130, stderr[-3000:]
     assert "sweep stopped by Ctrl-C: trial 0 recorded as FAIL" in stderr
     [trial] = optuna.load_study(study_name="ich_optuna", storage=storage_url(sweep_dir)).trials

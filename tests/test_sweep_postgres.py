@@ -21,6 +21,7 @@ import optuna
 import postgres_server
 import pytest
 import torch
+from helpers.patience import patience
 from postgres_server import Server, find_bin, running_server
 
 from samft.data.demo import ensure_demo_dataset
@@ -106,7 +107,7 @@ def test_three_workers_share_a_study_and_a_killed_workers_trial_ends_failed(post
     }
     pids = {name: proc.pid for name, proc in workers.items()}
     sweep_c = tmp_path / "c" / "sweeps" / STUDY
-    wait_for(lambda: any(sweep_c.glob("trial_*/train.log")) or workers["c"].poll() is not None, timeout=240,
+    wait_for(lambda: any(sweep_c.glob("trial_*/train.log")) or workers["c"].poll() is not None, timeout=patience(240),
              what="worker c to start its first trial")
     assert workers["c"].poll() is None, (tmp_path / "c.console").read_text()[-3000:]
     [killed_dir] = list(sweep_c.glob("trial_*"))
@@ -116,7 +117,7 @@ def test_three_workers_share_a_study_and_a_killed_workers_trial_ends_failed(post
     # restarted at once (as a supervisor would), while the other two are still sweeping
     restarted = start_worker(tmp_path, "c", n_trials=1, storage_override=ENV_STORAGE, env=env)
     for name, proc in (("a", workers["a"]), ("b", workers["b"]), ("c", restarted)):
-        assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.console").read_text()[-3000:]
+        assert proc.wait(timeout=patience(400)) == 0, (tmp_path / f"{name}.console").read_text()[-3000:]
 
     trials = optuna.load_study(study_name=STUDY, storage=url).trials
     numbers = [t.number for t in trials]
@@ -156,7 +157,7 @@ def test_a_url_typed_as_a_hydra_override_is_not_written(postgres: Server, tmp_pa
     proc = subprocess.run(
         [sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.sweeper.storage={url}",
          "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=median"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True, text=True, timeout=patience(300), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = optuna.load_study(study_name="app", storage=url).trials

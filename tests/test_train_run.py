@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def run_module(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(Path(cwd or ".").resolve() / "cache")}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=patience(timeout),
                           cwd=cwd, env=env)
 
 

@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from helpers.patience import patience
 from samft.config import TrainConfig
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.model import build_model_from_config
@@ -64,5 +65,5 @@ def tool_config(tool: str, *overrides: str) -> DictConfig:
 
 def run_cli(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SAMFT_LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=patience(300),
                           env=env)
