@@ -29,6 +29,25 @@ def remove_small_components(mask: np.ndarray, affine: np.ndarray, *, min_ml: flo
     return keep[labels].astype(mask.dtype)
 
 
+def dice_by_min_component(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray,
+                           candidates: Sequence[float] = CANDIDATES_ML) -> dict[str, float]:
+    """The Dice of `pred` against `truth` (X x Y x Z {0,1} on a grid with `affine`, mm) after
+    `remove_small_components` at each candidate volume, keyed by `str(candidate)`; 1 when both are empty. One
+    labelling serves every candidate."""
+    voxel_ml = float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
+    labels, count = ndimage.label(pred > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    voxels = np.bincount(labels.ravel(), minlength=count + 1)
+    overlap = np.bincount(labels[truth > 0], minlength=count + 1)
+    true_voxels = int(np.count_nonzero(truth))
+    out = {}
+    for candidate in candidates:
+        keep = voxels * voxel_ml >= candidate if candidate > 0 else np.ones(count + 1, dtype=bool)
+        keep[0] = False
+        total = int(voxels[keep].sum()) + true_voxels
+        out[str(candidate)] = 1.0 if total == 0 else 2.0 * int(overlap[keep].sum()) / total
+    return out
+
+
 def choose(dice_by_candidate: Mapping[float, Sequence[float]]) -> dict[str, Any]:
     """The smallest-volume candidate with the best mean Dice over all validation scans (a scan without a lesion
     scores 1 when nothing is predicted, else 0), kept only if it beats no post-processing."""

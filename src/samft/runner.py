@@ -134,7 +134,7 @@ def train_this_process(cfg: DictConfig, run_dir: Path) -> float:
     )
     summary = trainer.fit(resume_from=resume_from)  # starts the logger and closes it, also on failure
     if main:
-        _finish(cfg, model, run_dir, summary, scan_validation=scan_validation, device=device)
+        _finish(cfg, model, run_dir, summary, scan_validation=scan_validation)
     objective = summary["best_metric"]
     if summary["stop_reason"] == "pruned":
         _raise_pruned(cfg)
@@ -146,9 +146,9 @@ def train_this_process(cfg: DictConfig, run_dir: Path) -> float:
     return objective
 
 
-def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict, *, scan_validation, device) -> None:
-    """Rank 0: decide the post-processing on the validation scans and export the encoder (both with the best
-    weights), and print where the run is and how it ended."""
+def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict, *, scan_validation) -> None:
+    """Rank 0: decide the post-processing from the best validation's scores, export the encoder with the best
+    weights, and print where the run is and how it ended."""
     import torch
 
     from samft.export import save_encoder
@@ -157,7 +157,8 @@ def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict, *, scan_valida
     if best.exists():
         state = torch.load(best, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        _decide_postprocessing(model, scan_validation, run_dir=run_dir, device=device)
+        _decide_postprocessing(state.get("best_cases", []), monitored_mode=scan_validation.monitored_mode,
+                               run_dir=run_dir)
     if model.exports_encoder:
         save_encoder(model, run_dir / "sam_encoder.pth", model_name=cfg.model.name,
                      visual_tokens=cfg.model.visual_tokens)
@@ -167,19 +168,16 @@ def _finish(cfg: DictConfig, model, run_dir: Path, summary: dict, *, scan_valida
     print(f"best {summary['metric_name']}: {shown}, stop reason: {summary['stop_reason']}")
 
 
-def _decide_postprocessing(model, scan_validation, *, run_dir: Path, device) -> None:
-    """Score each candidate minimum component volume on the validation scans (the monitored mode) and store the
-    choice in postprocessing.json, which samft.predict and samft.evaluate apply."""
-    from contextlib import nullcontext
-
+def _decide_postprocessing(cases: list[dict], *, monitored_mode: str, run_dir: Path) -> None:
+    """Choose the minimum component volume from the best validation's whole-scan rows (the monitored mode; each
+    row holds its Dice by candidate, scored when that validation ran) and store it in postprocessing.json, which
+    samft.predict and samft.evaluate apply."""
     from samft import postprocess
 
-    rows = scan_validation.case_rows(model, device=device, autocast=nullcontext,
-                                     min_component_candidates=postprocess.CANDIDATES_ML)
-    rows = [r for r in rows if r["mode"] == scan_validation.monitored_mode]
+    rows = [r for r in cases if r["mode"] == monitored_mode and "dice_by_min_ml" in r]
     if not rows:
         return
-    decision = postprocess.choose({c: [r["dice_by_min_ml"][c] for r in rows] for c in postprocess.CANDIDATES_ML})
+    decision = postprocess.choose({c: [r["dice_by_min_ml"][str(c)] for r in rows] for c in postprocess.CANDIDATES_ML})
     postprocess.save(run_dir, decision)
     log.info("post-processing: drop predicted components under %g ml (mean validation Dice by minimum volume: %s)",
              decision["min_component_ml"], decision["mean_dice_by_min_component_ml"])

@@ -118,6 +118,7 @@ class Trainer:
         self.clicks = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.stopping = EarlyStopping(patience=settings.patience, min_delta=settings.min_delta)
         self.history: list[dict[str, Any]] = []
+        self.best_cases: list[dict[str, Any]] = []  # the whole-scan rows of the best validation
         self.events = dict.fromkeys(EVENT_KINDS, 0)
         self.step = OptimiserStep(
             model=self.model, optimizer=optimizer, schedule=schedule, settings=settings,
@@ -275,6 +276,8 @@ class Trainer:
         record = epoch_record(self.progress_in_epoch, epoch=epoch, global_step=self.global_step,
                               world_size=self.world_size)
         result, improved = self._validate_epoch(epoch, record) if self._validates(epoch) else (None, False)
+        if improved:
+            self.best_cases = plain_data({"cases": result.cases}, "validation cases")["cases"]
         if self.schedule.interval == "epoch":
             self.schedule.scheduler.step()
         self.history.append(record)
@@ -347,12 +350,13 @@ class Trainer:
         if self.world_size > 1:
             rows = [row for part in distributed.all_gather(rows) for row in part]
         metrics.update(self.scan_validation.metrics(rows))
-        return ValidationResult(metrics, crops.example)
+        return ValidationResult(metrics, crops.example, cases=rows)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The training state a checkpoint holds (model, optimiser, schedule, scaler, counters, early stopping,
-        history, events, RNG states, place in the epoch when saved mid-epoch, logger run id, config, elapsed time).
+        history, the best validation's whole-scan rows, events, RNG states, place in the epoch when saved
+        mid-epoch, logger run id, config, elapsed time).
 
         `load_state_dict` reads back every key written here. A collective under torch.distributed (every rank
         calls it): `ranks` holds every rank's RNG state and place in the epoch (None with one process)."""
@@ -374,6 +378,7 @@ class Trainer:
             "best_epoch": self.stopping.best_epoch,
             "early_stopping": self.stopping.state_dict(),
             "history": self.history,
+            "best_cases": self.best_cases,
             "events": dict(self.events),
             "rng": rng,
             "logger_run_id": self.logger.run_id,
@@ -397,6 +402,7 @@ class Trainer:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.stopping.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])
+        self.best_cases = list(state.get("best_cases", []))  # absent in checkpoints written before it
         self.events.update(state["events"])
         self._logger_run_id = state["logger_run_id"]
         self._elapsed_before = state["elapsed_s"]

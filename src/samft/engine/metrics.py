@@ -119,10 +119,12 @@ def prediction_after(logits: Sequence[torch.Tensor], clicks: int) -> torch.Tenso
 
 @dataclass
 class ValidationResult:
-    """Averaged metrics and one positive case for overlays (D x H x W arrays: CT, ground truth, prediction)."""
+    """Averaged metrics, one positive case for overlays (D x H x W arrays: CT, ground truth, prediction) and, with
+    whole-scan validation, its rows (one per scan and mode, `ScanValidation.case_rows`)."""
 
     metrics: dict[str, float]
     example: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    cases: list[dict[str, Any]] = field(default_factory=list)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from monai.data import Dataset
 from monai.transforms import Compose
 
 from samft.data.readers import read_volume
-from samft.postprocess import remove_small_components
+from samft.postprocess import dice_by_min_component
 from samft.scoring import SIZE_BANDS_ML, case_metrics, interior_click, summarize
 from samft.segmentation import clicks_to_grid, scan_logits, sw_batch_size_for, to_scan_grid
 
@@ -64,11 +64,12 @@ class ScanValidation:
 
     def case_rows(
         self, model: torch.nn.Module, *, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]],
-        rank: int = 0, world_size: int = 1, min_component_candidates: Sequence[float] = (),
+        rank: int = 0, world_size: int = 1,
     ) -> list[dict[str, Any]]:
-        """Scores of this rank's scans (every world_size-th, from `rank`): one row per scan and mode. With
-        `min_component_candidates` each row also holds `dice_by_min_ml`: the Dice after removing predicted
-        components under each volume (ml)."""
+        """Scores of this rank's scans (every world_size-th, from `rank`): one row per scan and mode. Rows of the
+        monitored mode also hold `dice_by_min_ml`: the Dice after removing predicted components under each
+        candidate volume (`samft.postprocess.CANDIDATES_ML`, keyed by `str(ml)`), from which the run chooses its
+        post-processing."""
         rows = []
         sw_batch_size = sw_batch_size_for(self.sw_batch_size, device=device)
         model.eval()
@@ -94,11 +95,8 @@ class ScanValidation:
                 affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
                 row = {"case_id": record.get("case_id", str(index)), "mode": mode,
                        **case_metrics(torch.from_numpy(pred).to(device), truth_on_device, affine, hd95=False)}
-                if min_component_candidates:
-                    row["dice_by_min_ml"] = {
-                        c: _dice(remove_small_components(pred, affine, min_ml=c), truth)
-                        for c in min_component_candidates
-                    }
+                if mode == self.monitored_mode:
+                    row["dice_by_min_ml"] = dice_by_min_component(pred, truth, affine)
                 rows.append(row)
         return rows
 
@@ -123,12 +121,6 @@ class ScanValidation:
                 if band is not None:
                     out[f"val/dice_{BAND_KEYS[name]}"] = band
         return out
-
-
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two {0,1} volumes; 1 when both are empty (as `case_metrics`)."""
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
 def _truth(record: dict[str, Any], *, shape: Sequence[int]) -> np.ndarray:
