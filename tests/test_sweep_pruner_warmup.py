@@ -107,10 +107,29 @@ def test_hyperband_takes_the_warmup_as_its_first_rung(tmp_path: Path) -> None:
     assert set(_hyperband_stops(tmp_path / "w0", warmup=0, epochs=2).values()) == {1}
 
 
-def test_a_hyperband_warmup_longer_than_the_run_prunes_nothing_and_breaks_nothing(tmp_path: Path) -> None:
-    """floor(log3(max_resource / min_resource)) + 1 brackets would be none (an IndexError at the first prune)
-    if max_resource stayed below the warm-up."""
-    assert set(_hyperband_stops(tmp_path, warmup=6, epochs=4).values()) == {None}
+def test_a_hyperband_warmup_as_long_as_the_run_prunes_nothing(tmp_path: Path) -> None:
+    assert set(_hyperband_stops(tmp_path, warmup=4, epochs=4).values()) == {None}
+
+
+@pytest.mark.parametrize(("epochs", "pruned_at"), [(8, 4), (None, None)])
+def test_hyperbands_max_resource_is_the_runs_epochs_so_an_early_stopped_first_trial_switches_nothing_off(
+        tmp_path: Path, epochs: int | None, pruned_at: int | None) -> None:
+    """Warm-up 3, 8 epochs. Trial 0 stopped early at epoch 2; trial 1 (good) and trial 2 (bad) run on. With Optuna's
+    auto max_resource (None), trial 1's pruner finds no bracket, records no rung value, and trial 2 has no one to
+    lose to; with max_resource = 8 trial 2 is stopped at its first rung, epoch 4."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+
+    def run(value: float, last_epoch: int) -> int | None:
+        trial = study.ask()
+        reporter = TrialReporter(storage=url, study_name="s", number=trial.number, pruner="hyperband",
+                                 warmup_epochs=3, epochs=epochs)
+        stop = next((e for e in range(1, last_epoch + 1) if reporter(e, {"val/dice": value})), None)
+        study.tell(trial, value) if stop is None else study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return stop
+
+    assert run(GOOD, 2) is None and run(GOOD, 8) is None
+    assert run(BAD, 8) == pruned_at
 
 
 @pytest.mark.parametrize(("key", "value"), [("warmup_epochs", -1), ("warmup_epochs", 2.5), ("warmup_epochs", "8"),

@@ -47,9 +47,11 @@ def make_pruner(name: str, *, warmup_epochs: int = 0, startup_trials: int = 2,
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=first_prunable)
     if name == "hyperband":
-        # Hyperband has floor(log3(max_resource / min_resource)) + 1 brackets: none (and an IndexError at the
-        # first prune) when the warm-up outlasts max_resource, so max_resource is at least min_resource.
-        max_resource: int | str = "auto" if epochs is None else max(epochs, first_prunable)
+        # Hyperband has floor(log3(max_resource / min_resource)) + 1 brackets, and without any it never prunes.
+        # Optuna's "auto" max_resource is the last step of the trials completed when a job first asks, + 1: after
+        # a first trial that early-stopped within the warm-up, that job's trial would be left without brackets
+        # (and would record no rung values for later trials to compete with).
+        max_resource: int | str = "auto" if epochs is None else epochs
         return optuna.pruners.HyperbandPruner(min_resource=first_prunable, max_resource=max_resource)
     return optuna.pruners.NopPruner()
 
