@@ -4,6 +4,7 @@ sweep config through the sweeper's job overrides and the job's config to the rep
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,14 @@ def test_a_bad_warmup_stops_the_sweep_with_one_line_before_its_folder_exists(tmp
     assert proc.stderr.strip() == ("error: config key 'hparams_search.pruner_warmup_epochs' is -8; it must be a "
                                    "whole number >= 0")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("warmup", "warned"), [(20, True), (19, False)])
+def test_a_warmup_covering_every_epoch_is_warned_about(caplog: pytest.LogCaptureFixture, warmup: int,
+                                                       warned: bool) -> None:
+    cfg = _compose(["hparams_search=unet_optuna", f"hparams_search.pruner_warmup_epochs={warmup}", "epochs=20"])
+    sweeper = instantiate(cfg.hydra.sweeper).sweeper
+    sweeper.config = cfg  # what Hydra's setup() gives the sweeper
+    with caplog.at_level(logging.WARNING, logger="samft.sweep.sweeper"):
+        sweeper._warn_if_warmup_covers_the_run()
+    assert ("pruner_warmup_epochs=20 covers all 20 epochs: no trial will be pruned" in caplog.text) == warned
