@@ -51,7 +51,10 @@ def dead_pid() -> int:
 
 def test_trials_of_dead_workers_end_failed_and_live_ones_stay_running(tmp_path: Path) -> None:
     url = storage_url(tmp_path)
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=60)
+    # the live trial's heartbeat, recorded here, must still be within the grace period when the sweep below has
+    # started up and checks the study (a minute alone on the machine, longer beside another pytest worker)
+    grace = round(patience(60))
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=grace)
     study = optuna.create_study(study_name="app", storage=storage, direction="maximize")
     other_host = {"host": "elsewhere", "pidns": "pid:[1]", "pid": 4242}
     # a worker on another machine whose last heartbeat is a day and ten seconds old (Optuna 2.10's own check
@@ -72,7 +75,8 @@ def test_trials_of_dead_workers_end_failed_and_live_ones_stay_running(tmp_path: 
         db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 day', '-10 seconds') "
                    "WHERE trial_id = ?", (stale._trial_id,))
 
-    sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=60")
+    sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.heartbeat_interval=1",
+          f"hydra.sweeper.grace_period={grace}")
 
     trials = optuna.load_study(study_name="app", storage=url).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
