@@ -320,9 +320,12 @@ def test_smoke_run_with_csv_tensorboard_and_mlflow(tmp_path: Path) -> None:
          "logger=many", "logger.loggers=[csv,tensorboard,mlflow]", f"output_dir={tmp_path}",
          f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=patience(600),
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
+        # its own demo data (XDG_CACHE_HOME), not the user's cache that another worker's run may be writing
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+             "XDG_CACHE_HOME": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert any((tmp_path / "cache" / "samft").glob("demo-*"))
     from mlflow.tracking import MlflowClient
 
     summary = json.loads((run_dir / "summary.json").read_text())
