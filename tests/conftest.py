@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-# Seconds per module, its tests' setup + call + teardown summed, from a run of the suite on the 2-core machine (with
-# `make test PYTEST_ARGS=--junitxml=...`); only modules over ~15 s. A stale number misorders, never skips.
+# Seconds per module: setup + call + teardown of its slowest tests summed, from a serial run of the suite on the
+# 2-core machine (`pytest --durations=80`, 2026-11-30, beside other work); only modules over ~15 s. Re-measure with
+# `make test PYTEST_ARGS=--junitxml=report.xml` after large changes. A stale number misorders, never skips.
 MODULE_SECONDS = {
     "test_sweep_liveness.py": 588,
     "test_readme_promises.py": 477,
