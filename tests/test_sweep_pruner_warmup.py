@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers.patience import patience
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -175,7 +176,7 @@ def test_a_bad_warmup_stops_the_sweep_with_one_line_before_its_folder_exists(tmp
     proc = subprocess.run(
         [sys.executable, "-m", "samft.train", "-m", "hparams_search=unet_optuna",
          "hparams_search.pruner_warmup_epochs=-8", f"output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=patience(120), cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == ("error: config key 'hparams_search.pruner_warmup_epochs' is -8; it must be a "
