@@ -21,12 +21,18 @@ def remove_small_components(mask: np.ndarray, affine: np.ndarray, *, min_ml: flo
     `min_ml` millilitres (unchanged for min_ml <= 0)."""
     if min_ml <= 0 or not mask.any():
         return mask
-    voxel_ml = float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
-    labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
-    keep = sizes >= min_ml
+    labels, voxels, voxel_ml = _components(mask, affine)
+    keep = voxels * voxel_ml >= min_ml
     keep[0] = False
     return keep[labels].astype(mask.dtype)
+
+
+def _components(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The 26-connected components of `mask` on a grid with `affine` (mm): labels X x Y x Z (0 background), each
+    label's voxel count, and the millilitres of one voxel."""
+    voxel_ml = float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
+    labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    return labels, np.bincount(labels.ravel(), minlength=count + 1), voxel_ml
 
 
 def dice_by_min_component(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray,
@@ -34,14 +40,12 @@ def dice_by_min_component(pred: np.ndarray, truth: np.ndarray, affine: np.ndarra
     """The Dice of `pred` against `truth` (X x Y x Z {0,1} on a grid with `affine`, mm) after
     `remove_small_components` at each candidate volume, keyed by `str(candidate)`; 1 when both are empty. One
     labelling serves every candidate."""
-    voxel_ml = float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
-    labels, count = ndimage.label(pred > 0, structure=np.ones((3, 3, 3), dtype=bool))
-    voxels = np.bincount(labels.ravel(), minlength=count + 1)
-    overlap = np.bincount(labels[truth > 0], minlength=count + 1)
+    labels, voxels, voxel_ml = _components(pred, affine)
+    overlap = np.bincount(labels[truth > 0], minlength=len(voxels))
     true_voxels = int(np.count_nonzero(truth))
     out = {}
     for candidate in candidates:
-        keep = voxels * voxel_ml >= candidate if candidate > 0 else np.ones(count + 1, dtype=bool)
+        keep = voxels * voxel_ml >= candidate if candidate > 0 else np.ones(len(voxels), dtype=bool)
         keep[0] = False
         total = int(voxels[keep].sum()) + true_voxels
         out[str(candidate)] = 1.0 if total == 0 else 2.0 * int(overlap[keep].sum()) / total

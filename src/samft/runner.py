@@ -174,7 +174,7 @@ def _decide_postprocessing(cases: list[dict], *, monitored_mode: str, run_dir: P
     samft.predict and samft.evaluate apply."""
     from samft import postprocess
 
-    rows = [r for r in cases if r["mode"] == monitored_mode and "dice_by_min_ml" in r]
+    rows = [r for r in cases if r["mode"] == monitored_mode]
     if not rows:
         return
     decision = postprocess.choose({c: [r["dice_by_min_ml"][str(c)] for r in rows] for c in postprocess.CANDIDATES_ML})
