@@ -149,6 +149,26 @@ def test_ensure_generates_once_then_reuses(tmp_path: Path, monkeypatch: pytest.M
     assert len(calls) == 2 and len(list(mask_dir.iterdir())) == 8
 
 
+def test_a_concurrent_process_keeps_reading_the_set_it_finished_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes generate the same set at once: the one that finishes second must not move aside (and delete)
+    the first one's finished folder, which that process is reading by now."""
+    root = tmp_path / "demo-0-3"
+    write = demo.write_demo_dataset
+
+    def racing_writer(folder: Path, **kwargs) -> tuple[Path, Path, Path]:
+        monkeypatch.setattr(demo, "write_demo_dataset", lambda f, **kw: write(f, **kw, **SMALL))
+        demo.ensure_demo_dataset(root=root, n_patients=3, seed=0)  # the other process wins the race
+        (root / "opened-by-the-winner").touch()  # stands for the winner's open files
+        return write(folder, **kwargs, **SMALL)
+
+    monkeypatch.setattr(demo, "write_demo_dataset", racing_writer)
+    train_csv, _, _ = demo.ensure_demo_dataset(root=root, n_patients=3, seed=0)
+    assert (root / "opened-by-the-winner").exists() and train_csv.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-0-3"]  # the loser's copy is gone
+
+
 def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(root: Path, **kwargs) -> None:
         (root / "volumes").mkdir()

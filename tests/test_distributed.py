@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +255,26 @@ def oom_body(out: str) -> int:
     summary = trainer.fit()
     torch.save({"params": params(model), "summary": summary}, Path(out) / f"oom_rank{rank}.pt")
     return rank
+
+
+def world_sum_body() -> float:
+    """Each rank contributes rank + 1; every rank returns the all-reduced sum."""
+    value = torch.tensor([distributed.rank() + 1.0])
+    torch.distributed.all_reduce(value)
+    return value.item()
+
+
+def test_spawned_ranks_meet_without_a_port_chosen_in_advance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port picked free by the parent and bound later by rank 0 can be taken in between by another process.
+    Here the parent cannot bind any port at all, and the ranks still meet; their rendezvous folder is removed."""
+
+    def no_port(sock: socket.socket, address: Any) -> None:
+        raise OSError(98, f"address already in use: {address}")
+
+    monkeypatch.setattr(socket.socket, "bind", no_port)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert distributed.spawn(world_sum_body, nprocs=WORLD, backend="gloo", timeout_min=patience(1.0)) == 3.0
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

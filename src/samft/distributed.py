@@ -15,8 +15,8 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -287,16 +287,20 @@ def spawn(fn: Callable[..., T], *, args: tuple = (), nprocs: int, backend: str, 
     with the worker's traceback. Ctrl-C reaches the workers, which stop and save; this process waits for them.
     """
     outcomes = mp.get_context("spawn").SimpleQueue()
-    worker_args = (fn, args, nprocs, f"tcp://127.0.0.1:{_free_port()}", backend, timeout_min, _log_setup(), outcomes)
-    context = mp.start_processes(_worker, args=worker_args, nprocs=nprocs, join=False, start_method="spawn")
-    try:
-        _join(context)
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        results = _drain(outcomes)
-        raised = [value for kind, value in results.values() if kind == "raised" and value is not None]
-        if raised:
-            raise raised[0] from err
-        raise
+    # The ranks meet through a file, not a TCP port: a port chosen free here could be taken by another process
+    # before rank 0 binds it.
+    with tempfile.TemporaryDirectory(prefix="samft-rendezvous-") as rendezvous:
+        init_method = Path(rendezvous, "store").as_uri()
+        worker_args = (fn, args, nprocs, init_method, backend, timeout_min, _log_setup(), outcomes)
+        context = mp.start_processes(_worker, args=worker_args, nprocs=nprocs, join=False, start_method="spawn")
+        try:
+            _join(context)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            results = _drain(outcomes)
+            raised = [value for kind, value in results.values() if kind == "raised" and value is not None]
+            if raised:
+                raise raised[0] from err
+            raise
     return _drain(outcomes)[0][1]
 
 
@@ -348,9 +352,3 @@ def _pickles(value: Any) -> bool:
     except Exception:
         return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -91,7 +91,7 @@ def ensure_demo_dataset(
     try:
         write_demo_dataset(tmp, n_patients=n_patients, seed=seed, volumes_per_patient=volumes_per_patient)
         (tmp / MANIFEST).write_text(json.dumps(wanted, indent=2) + "\n")
-        _move_into_place(tmp, root)
+        _move_into_place(tmp, root, wanted=wanted)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if _read_manifest(root) != wanted:  # another process replaced it in between: should not happen
@@ -351,8 +351,11 @@ def _outputs(root: Path) -> tuple[Path, Path, Path]:
     return root / "train.csv", root / "val.csv", root / "masks"
 
 
-def _move_into_place(tmp: Path, root: Path) -> None:
-    """Rename the finished `tmp` to `root`, replacing a stale demo set; a concurrent winner is kept."""
+def _move_into_place(tmp: Path, root: Path, *, wanted: dict) -> None:
+    """Rename the finished `tmp` to `root`, replacing a stale demo set. A concurrent winner (another process that
+    finished the same set first, and may be reading it now) is kept, and `tmp` is left for the caller to delete."""
+    if _read_manifest(root) == wanted:
+        return
     stale = None
     if root.exists():
         stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
