@@ -11,7 +11,8 @@ optimiser updates of `--accum` micro-batches of `--batch` samples, with `--click
 - samft: `Trainer._train_epoch`, the epoch body that `Trainer.fit` runs (model.train(), loader seeding, the
   accumulation windows; per micro-batch: plain-tensor/device move, one autocast around `model.segment` and
   SegmentationLoss, `loss.item()` and the finiteness check, GradScaler (disabled for fp32/bf16), backward; per
-  window: unscale, clip_grad_norm_, optimiser step, zero_grad, schedule rule, step/event/progress bookkeeping;
+  window: unscale, the gradient norm and its finiteness check (a host read), clipping, optimiser step,
+  zero_grad, schedule rule, step/event/progress bookkeeping;
   the epoch's throughput meter). Not timed: validation, checkpoint, curves and summary (`_end_epoch`, once
   per epoch, proportional to the validation set and model size, not to the number of steps).
 - bare: for each micro-batch, one autocast around the same `model.segment` + SegmentationLoss, loss / accum,

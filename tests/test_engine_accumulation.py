@@ -46,6 +46,21 @@ def test_accumulated_update_equals_large_batch_update(
     assert not torch.equal(initial["decoder.weight"], single["params"]["decoder.weight"])  # an update happened
 
 
+def test_clipping_scales_the_update_to_max_grad_norm(tmp_path: Path) -> None:
+    """SGD at lr 0.1 without momentum: one update is -0.1 x the clipped gradient, so its norm is 0.1 x max_grad_norm
+    when the gradient is longer than that, and 0.1 x the gradient's own norm without clipping."""
+    def update_norm(max_grad_norm: float | None) -> float:
+        trainer = make_trainer(tmp_path / str(max_grad_norm), n_train=2,
+                               train_settings=settings(epochs=1, train_clicks=1, max_grad_norm=max_grad_norm))
+        before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+        assert trainer.fit()["global_step"] == 1
+        after = dict(trainer.model.named_parameters())
+        return float(torch.cat([(after[k].detach() - before[k]).flatten() for k in before]).norm())
+
+    assert update_norm(None) > 0.1 * 1e-3 * 10  # the gradient is longer than the limit below
+    assert update_norm(1e-3) == pytest.approx(0.1 * 1e-3, rel=1e-3)
+
+
 def test_prompt_free_mode_accumulates_exactly_too(tmp_path: Path) -> None:
     accumulated = _train(tmp_path, "a", batch_size=1, accum=2, n_train=2, prompt_mode="auto", val_clicks=(1,))
     single = _train(tmp_path, "s", batch_size=2, accum=1, n_train=2, prompt_mode="auto", val_clicks=(1,))

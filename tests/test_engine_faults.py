@@ -1,4 +1,4 @@
-"""Fault recovery: out-of-memory and non-finite losses are survived, counted, and bounded.
+"""Fault recovery: out-of-memory, non-finite losses and non-finite gradients are survived, counted, and bounded.
 
 Faults are injected by `samft.engine.faults.inject_faults`, which replaces the model's `segment` on the instance
 (the seam the Trainer calls).
@@ -6,9 +6,11 @@ Faults are injected by `samft.engine.faults.inject_faults`, which replaces the m
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from helpers.standin import assert_params_close, make_trainer, params, settings
 
@@ -30,6 +32,22 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
     assert summary["global_step"] == 3  # 4 windows, one skipped
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert json.loads((tmp_path / SUMMARY).read_text())["events"]["nonfinite_loss"] == 1
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+@pytest.mark.parametrize("factor", [float("nan"), 3e38])  # 3e38: every value finite, their norm is not
+def test_nonfinite_gradient_of_a_finite_loss_skips_the_step_and_is_counted(
+    tmp_path: Path, factor: float, max_grad_norm: float | None
+) -> None:
+    """As torch 2.13's CPU bf16 Conv3d weight gradient does on a 2^3 grid: a finite loss, one garbage gradient."""
+    trainer = make_trainer(tmp_path, train_settings=settings(epochs=1, max_grad_norm=max_grad_norm))
+    weight = next(trainer.model.parameters())
+    backwards = itertools.count(1)
+    weight.register_hook(lambda grad: grad * factor if next(backwards) == 3 else grad)
+    summary = trainer.fit()
+    assert summary["events"]["nonfinite_grad"] == 1 and summary["events"]["nonfinite_loss"] == 0
+    assert summary["events"]["skipped_steps"] == 1 and summary["global_step"] == 3  # 4 windows, one skipped
+    assert all(torch.isfinite(p).all() and p.abs().max() < 1e3 for p in trainer.model.parameters())
 
 
 def test_oom_with_skip_policy_drops_the_window_and_training_goes_on(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ def test_summary_pictures_and_log_of_a_run(tmp_path: Path, caplog, capsys) -> No
     assert summary["epochs_run"] == 3 and summary["best_epoch"] in (1, 2, 3)
     assert summary["best_metric"] == max(h["val/dice"] for h in summary["history"])
     assert summary["wall_time_s"] > 0 and summary["peak_memory_mb"] > 0
-    assert set(summary["events"]) == {"oom", "oom_split", "nonfinite_loss", "skipped_steps", "fp16_overflow"}
+    assert set(summary["events"]) == {"oom", "oom_split", "nonfinite_loss", "nonfinite_grad", "skipped_steps",
+                                         "fp16_overflow"}
     epoch = summary["history"][0]
     for key in ("train/loss", "lr", "val/dice", "val/dice@1", "val/dice@2", "val/hd95_mm", "val/fp_volume_ml"):
         assert isinstance(epoch[key], float), key

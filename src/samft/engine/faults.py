@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-EVENT_KINDS = ("oom", "oom_split", "nonfinite_loss", "skipped_steps", "fp16_overflow")
+EVENT_KINDS = ("oom", "oom_split", "nonfinite_loss", "nonfinite_grad", "skipped_steps", "fp16_overflow")
 # Another rank's micro-step failed, so this rank skips the window too (counted by the rank that failed).
 PEER_FAILURE = "peer_failure"
 

@@ -99,8 +99,18 @@ class OptimiserStep:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.scaler.unscale_(self.optimizer)
+        trained = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trained])
+        # fp16's scaler skips a non-finite update itself (and lowers its scale); in fp32 and bf16 nothing else would:
+        # one non-finite gradient of a finite loss turns every weight into NaN through the clipping and the optimiser
+        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):
+            self.events["nonfinite_grad"] += 1
+            log.warning("step %d: nonfinite_grad (gradient norm %s of a finite loss); skipping this optimiser step",
+                        at, norm.item())
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         if self.settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(trained, self.settings.max_grad_norm, norm)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
