@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from samft.model import build_model, build_model_from_config, load_weights
@@ -40,10 +41,12 @@ def test_released_weights_load_strictly_beside_the_head(tmp_path: Path) -> None:
     assert any(k.startswith("refiner.") for k in state) and not any(k.startswith("refiner.") for k in sam_only)
 
 
-def test_an_untrained_head_gives_the_official_output() -> None:
+@pytest.mark.parametrize("full_resolution", [False, True])
+def test_an_untrained_head_gives_the_official_output(full_resolution: bool) -> None:
     torch.manual_seed(0)
     plain = build_model(name="sam_med3d_tiny", visual_tokens=16).eval()
-    refined = build_model(name="sam_med3d_tiny", visual_tokens=16, refine=True).eval()
+    refined = build_model(name="sam_med3d_tiny", visual_tokens=16, refine=True,
+                          refine_full_resolution=full_resolution).eval()
     refined.load_state_dict(plain.state_dict(), strict=False)
     image = torch.randn(1, 1, 128, 128, 128)
     with torch.no_grad():
@@ -68,10 +71,40 @@ def test_the_head_learns_detail_below_the_decoder_grid() -> None:
     assert dice > 0.5, dice
 
 
+@pytest.mark.parametrize("full_resolution", [False, True])
+def test_only_the_full_resolution_head_sees_and_draws_single_voxels(full_resolution: bool) -> None:
+    """A 1-voxel checkerboard of +-1 in a 16^3 region, the target its +1 voxels: every 2^3 cell averages to 0, so
+    the pooled head cannot see it, and its 2-voxel grid cannot draw it (marking the whole region gives 0.67);
+    the full-resolution head does both."""
+    from samft.model.heads import RefinementHead
+
+    torch.manual_seed(0)
+    head = RefinementHead(full_resolution=full_resolution)
+    i = torch.arange(32)
+    checker = ((i.view(-1, 1, 1) + i.view(1, -1, 1) + i.view(1, 1, -1)) % 2).float()
+    region = (0, 0, slice(8, 24), slice(8, 24), slice(8, 24))
+    image, target = torch.zeros(1, 1, 32, 32, 32), torch.zeros(1, 1, 32, 32, 32)
+    image[region] = 2 * checker[region[2:]] - 1
+    target[region] = checker[region[2:]]
+    low_res = torch.zeros(1, 1, 8, 8, 8)
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-2)
+    for _ in range(30):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(image, low_res), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        pred = (head(image, low_res) > 0).float()
+    dice = float(2 * (pred * target).sum() / (pred.sum() + target.sum()))
+    assert dice > 0.95 if full_resolution else dice < 0.67, dice
+
+
 def test_the_run_config_rebuilds_the_head() -> None:
     config = {"name": "sam_med3d_tiny", "visual_tokens": 16, "refine": True, "checkpoint": "/nowhere.pth"}
     model = build_model_from_config(config, with_checkpoint=False)
-    assert model.refiner is not None
+    assert model.refiner is not None and not model.refiner.full_resolution  # also a run saved before the option
+    full = build_model_from_config({**config, "refine_full_resolution": True}, with_checkpoint=False)
+    assert full.refiner.full_resolution and full.refiner.net.model[0].conv.in_channels == 8 + 3
     assert build_model_from_config({**config, "refine": False}, with_checkpoint=False).refiner is None
 
 

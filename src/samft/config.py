@@ -76,6 +76,7 @@ class ModelConfig:
     lesion_pos_weight: float = 1.0
     batch_dice: bool = True
     refine: bool = False
+    refine_full_resolution: bool = False
     prompt_mode: str = "click"
     train_clicks: int = 3
     val_clicks: list[int] = field(default_factory=lambda: [1, 3, 5])

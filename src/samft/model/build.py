@@ -71,9 +71,11 @@ REGISTRY: dict[str, SamMed3DSpec] = {
 
 
 def build_sam(
-    spec: SamMed3DSpec, *, visual_tokens: int = 256, gradient_checkpointing: bool = False, refine: bool = False
+    spec: SamMed3DSpec, *, visual_tokens: int = 256, gradient_checkpointing: bool = False, refine: bool = False,
+    refine_full_resolution: bool = False,
 ) -> SamMed3D:
-    """A randomly initialised SamMed3D with the given hyperparameters (`refine`: add a `RefinementHead`)."""
+    """A randomly initialised SamMed3D with the given hyperparameters (`refine`: add a `RefinementHead`, at full
+    resolution with `refine_full_resolution`)."""
     encoder = ImageEncoder3D(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -109,7 +111,7 @@ def build_sam(
         ),
         representation_head=representation_head,
         ich_head=PresenceHead(dim=visual_tokens),
-        refiner=RefinementHead() if refine else None,
+        refiner=RefinementHead(full_resolution=refine_full_resolution) if refine else None,
     )
 
 
@@ -121,18 +123,20 @@ def build_model(
     checkpoint: str | Path | None = None,
     freeze_encoder: bool = False,
     refine: bool = False,
+    refine_full_resolution: bool = False,
     unet: UNetSpec | None = None,
 ) -> SamMed3D | UNetSegmenter:
     """The registered model `name`, its weights loaded from `checkpoint` (path or Hugging Face URL).
 
-    `refine`: SAM models get a full-resolution refinement head. `unet`: the U-Net's architecture (name="unet").
+    `refine`: SAM models get a refinement head (`refine_full_resolution`: with the CT's every voxel in and out,
+    see `RefinementHead`). `unet`: the U-Net's architecture (name="unet").
     """
     if name == "unet":
         return _build_unet(unet or UNetSpec(), checkpoint=checkpoint, freeze_encoder=freeze_encoder)
     if name not in REGISTRY:
         raise UserError(f"model.name={name!r} is not one of {sorted([*REGISTRY, 'unet'])}")
     model = build_sam(REGISTRY[name], visual_tokens=visual_tokens, gradient_checkpointing=gradient_checkpointing,
-                      refine=refine)
+                      refine=refine, refine_full_resolution=refine_full_resolution)
     if checkpoint is not None:
         load_weights(model, checkpoint, model_name=name)
     if freeze_encoder:
@@ -153,7 +157,8 @@ def build_model_from_config(model: Mapping[str, Any], *, with_checkpoint: bool =
         gradient_checkpointing=model.get("gradient_checkpointing", False),
         checkpoint=model.get("checkpoint") if with_checkpoint else None,
         freeze_encoder=model.get("freeze_encoder", False) if with_checkpoint else False,
-        refine=model.get("refine", False), unet=spec,
+        refine=model.get("refine", False), refine_full_resolution=model.get("refine_full_resolution", False),
+        unet=spec,
     )
 
 

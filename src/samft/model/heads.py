@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from monai.networks.nets import UNet
+from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
 
 
@@ -49,22 +51,27 @@ class RefinementHead(nn.Module):
     on a bleed the decoder missed still reaches the output.
     `downsample=2` (a 3 mm grid at 1.5 mm input) costs an eighth of full resolution on a CPU; the
     upsample-then-threshold ceiling of that grid is about Dice 0.90 on real hemorrhage masks, against 0.66 for
-    the decoder's 6 mm grid. The default widths (16-32-64-128, 0.49 M parameters, under 1 % of the released
-    model) give the head the depth to delineate what the decoder's 6 mm grid only locates; a second level of
-    width costs about 30 % more than the 8-16-32 head on a CPU, as the deep levels are small.
+    the decoder's 6 mm grid. `full_resolution=True` keeps that cost and that grid but loses no voxel: the UNet
+    takes each cell's d^3 CT voxels as channels (MONAI's pixel unshuffle) instead of their mean, and adds d^3
+    output channels put back at full resolution (pixel shuffle) to the upsampled correction (ceiling 0.96).
+    The default widths (16-32-64-128, 0.49 M parameters, under 1 % of the released model) give the head the depth
+    to delineate what the decoder's 6 mm grid only locates; a second level of width costs about 30 % more than
+    the 8-16-32 head on a CPU, as the deep levels are small.
     """
 
     def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128), downsample: int = 2,
-                 guidance_sigma: float = 2.0) -> None:
+                 guidance_sigma: float = 2.0, full_resolution: bool = False) -> None:
         super().__init__()
-        from monai.networks.nets import UNet
-
         self.downsample = downsample
         self.guidance_sigma = guidance_sigma
-        self.net = UNet(spatial_dims=3, in_channels=4, out_channels=1, channels=channels,
+        self.full_resolution = full_resolution
+        # full resolution: the CT's d^3 voxels of each grid cell as d^3 channels in, and d^3 channels out that are
+        # put back in place, beside the one trilinearly upsampled correction channel
+        cells = downsample**3 if full_resolution else 0
+        self.net = UNet(spatial_dims=3, in_channels=max(cells, 1) + 3, out_channels=1 + cells, channels=channels,
                         strides=(2,) * (len(channels) - 1), num_res_units=0, norm="instance")
         output = [m for m in self.net.modules() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)][-1]
-        assert output.out_channels == 1, "the UNet's last convolution must be its output layer"
+        assert output.out_channels == 1 + cells, "the UNet's last convolution must be its output layer"
         nn.init.zeros_(output.weight)
         nn.init.zeros_(output.bias)
 
@@ -72,14 +79,20 @@ class RefinementHead(nn.Module):
                 clicks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """clicks: coords B x N x 3 (voxel indices of the S^3 image) and labels B x N (1 positive, 0 negative,
         any other value ignored, e.g. NO_CLICK padding)."""
-        size = image.shape[2:]
-        grid = [s // self.downsample for s in size]
-        small = nn.functional.avg_pool3d(image, self.downsample) if self.downsample > 1 else image
+        size, d = image.shape[2:], self.downsample
+        grid = [s // d for s in size]
+        if self.full_resolution:
+            small = pixelunshuffle(image, spatial_dims=3, scale_factor=d)
+        else:
+            small = nn.functional.avg_pool3d(image, d) if d > 1 else image
         coarse = nn.functional.interpolate(low_res, size=grid, mode="trilinear", align_corners=False)
         guidance = self.guidance(clicks, batch=image.shape[0], grid=grid, like=small)
         correction = self.net(torch.cat([small, coarse.to(small.dtype), guidance], dim=1))
         upsample = partial(nn.functional.interpolate, size=size, mode="trilinear", align_corners=False)
-        return upsample(low_res) + upsample(correction)
+        refined = upsample(low_res) + upsample(correction[:, :1])
+        if self.full_resolution:
+            refined = refined + pixelshuffle(correction[:, 1:], spatial_dims=3, scale_factor=d)
+        return refined
 
     def guidance(self, clicks: tuple[torch.Tensor, torch.Tensor] | None, *, batch: int, grid: list[int],
                  like: torch.Tensor) -> torch.Tensor:
