@@ -92,25 +92,21 @@ class OptimiserStep:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             window_loss += result.double()
-        loss = window_loss.item()
+        loss, grad_norm = torch.stack([window_loss, self._gradient_norm()]).tolist()  # the window's one host read
         if not math.isfinite(loss):  # one process: its backward ran on the non-finite loss; nothing is applied
             self.events["nonfinite_loss"] += 1
             log.warning("step %d: nonfinite_loss; skipping this optimiser step", at)
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.scaler.unscale_(self.optimizer)
-        trained = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in trained])
-        # fp16's scaler skips a non-finite update itself (and lowers its scale); in fp32 and bf16 nothing else would:
-        # one non-finite gradient of a finite loss turns every weight into NaN through the clipping and the optimiser
-        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):
+        if not math.isfinite(grad_norm):
             self.events["nonfinite_grad"] += 1
             log.warning("step %d: nonfinite_grad (gradient norm %s of a finite loss); skipping this optimiser step",
-                        at, norm.item())
+                        at, grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
             return None
+        self.scaler.unscale_(self.optimizer)
         if self.settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(trained, self.settings.max_grad_norm, norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -120,6 +116,15 @@ class OptimiserStep:
         if self.schedule.interval == "step":
             self.schedule.scheduler.step()
         return loss
+
+    def _gradient_norm(self) -> torch.Tensor:
+        """The L2 norm of all gradients (a float64 scalar on the device); 0 under fp16, whose GradScaler skips a
+        non-finite update itself and lowers its scale. In fp32 and bf16 nothing else would: one non-finite gradient
+        of a finite loss turns every weight into NaN through the clipping and the optimiser."""
+        if self.scaler.is_enabled():
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).to(self.device, torch.float64)
 
     def _micro_step(self, batch: dict[str, Any], weight: float, *, sync: bool) -> torch.Tensor | Failure:
         """Forward and backward of one micro-batch; returns its weighted loss (a detached scalar on the device) or
