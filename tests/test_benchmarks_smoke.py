@@ -146,6 +146,15 @@ def test_empty_mask_plateau_smoke() -> None:
     assert "ratio weight 50 / weight 1, updates to Dice 0.5" in out
 
 
+def test_upsampling_smoke_compares_every_size_with_f_interpolate() -> None:
+    out = run_script("upsampling.py", "--repeats", "1").stdout
+    ratio = r"^ratio (\d+)\^3 -> (\d+)\^3 trilinear_resize / F.interpolate: .+ = \d+\.\d+x$"
+    ratios = re.findall(ratio, out, re.MULTILINE)
+    assert ratios == [("32", "128"), ("64", "128"), ("32", "64")], out
+    differences = [float(d) for d in re.findall(r"largest difference (\S+) \(output\)", out)]
+    assert len(differences) == 3 and max(differences) < 1e-5, out
+
+
 @pytest.mark.slow
 def test_gpu_smoke_runs_every_check_with_a_cpu_form_into_one_report(tmp_path: Path) -> None:
     out = tmp_path / "gpu_smoke.json"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from monai.networks.nets import UNet
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
+
+from samft.model.layers import trilinear_resize
 
 
 class RepresentationHead(nn.Module):
@@ -85,11 +85,10 @@ class RefinementHead(nn.Module):
             small = pixelunshuffle(image, spatial_dims=3, scale_factor=d)
         else:
             small = nn.functional.avg_pool3d(image, d) if d > 1 else image
-        coarse = nn.functional.interpolate(low_res, size=grid, mode="trilinear", align_corners=False)
+        coarse = trilinear_resize(low_res, grid)
         guidance = self.guidance(clicks, batch=image.shape[0], grid=grid, like=small)
         correction = self.net(torch.cat([small, coarse.to(small.dtype), guidance], dim=1))
-        upsample = partial(nn.functional.interpolate, size=size, mode="trilinear", align_corners=False)
-        refined = upsample(low_res) + upsample(correction[:, :1])
+        refined = trilinear_resize(low_res, size) + trilinear_resize(correction[:, :1], size)
         if self.full_resolution:
             refined = refined + pixelshuffle(correction[:, 1:], spatial_dims=3, scale_factor=d)
         return refined

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from samft.model.decoder import MaskDecoder3D
 from samft.model.encoder import ImageEncoder3D
 from samft.model.heads import PresenceHead, RefinementHead, RepresentationHead
+from samft.model.layers import trilinear_resize
 from samft.model.prompt_encoder import PromptEncoder3D
 from samft.model.prompts import NO_CLICK, correction_click, first_click
 
@@ -162,7 +162,7 @@ class SamMed3D(nn.Module):
         refinement head, which also sees the clicks `points`: coords B x N x 3, labels B x N)."""
         if self.refiner is not None:
             return self.refiner(image, low_res, points)
-        return F.interpolate(low_res, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
+        return trilinear_resize(low_res, (self.img_size,) * 3)
 
     def _click_rounds(
         self, features: torch.Tensor, image: torch.Tensor, target: torch.Tensor, *, num_clicks: int,

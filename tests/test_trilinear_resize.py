@@ -1,0 +1,32 @@
+"""`trilinear_resize` is F.interpolate's trilinear interpolation (align_corners=False), values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samft.model.layers import trilinear_resize
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((2, 1, 8, 8, 8), (32, 32, 32)),      # the decoder's x4 upsampling
+    ((1, 3, 16, 16, 16), (32, 32, 32)),   # x2, several channels
+    ((1, 1, 5, 7, 3), (13, 8, 11)),       # odd, unequal factors per axis
+    ((2, 2, 12, 9, 10), (5, 9, 4)),       # downsampling and an unchanged axis
+])
+def test_values_and_gradients_equal_f_interpolate(shape: tuple[int, ...], size: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(*shape[:2], *size, generator=generator, dtype=torch.float64)
+    ours = trilinear_resize(x, size)
+    theirs = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ours_grad, theirs_grad = (torch.autograd.grad(y, x, grad)[0] for y in (ours, theirs))
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_follows_the_input_dtype() -> None:
+    x = torch.randn(1, 1, 4, 4, 4, dtype=torch.bfloat16)
+    assert trilinear_resize(x, (8, 8, 8)).dtype == torch.bfloat16
