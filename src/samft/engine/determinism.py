@@ -40,8 +40,8 @@ _CPU_AUTOCAST = ("same data order, augmentation and clicks, but not bit-exact: b
                  "differing in the last bits between two identical runs (benchmarks/gpu_smoke.py); fp32 is bit-exact")
 _CUDA_DETERMINISTIC = (
     "same data order, augmentation and clicks; deterministic kernels where CUDA has them, but "
-    "use_deterministic_algorithms runs with warn_only=True, so the ops without one (trilinear upsampling backward, "
-    "memory-efficient and flash attention backward, atomic index_add/scatter_add) still run and weights and "
+    "use_deterministic_algorithms runs with warn_only=True, so the ops without one (memory-efficient and flash "
+    "attention backward, atomic index_add/scatter_add) still run and weights and "
     "metrics may differ in the last bits between runs, growing over epochs; never bit-exact across GPU models, "
     "GPU counts, driver or torch versions"
 )
