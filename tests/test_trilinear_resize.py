@@ -30,3 +30,12 @@ def test_values_and_gradients_equal_f_interpolate(shape: tuple[int, ...], size: 
 def test_follows_the_input_dtype() -> None:
     x = torch.randn(1, 1, 4, 4, 4, dtype=torch.bfloat16)
     assert trilinear_resize(x, (8, 8, 8)).dtype == torch.bfloat16
+
+
+def test_a_first_call_in_inference_mode_does_not_break_training_later() -> None:
+    """The interpolation weights are cached per size: ones made in inference mode could not be saved for backward."""
+    with torch.inference_mode():
+        trilinear_resize(torch.randn(1, 1, 6, 6, 6), (11, 11, 11))
+    x = torch.randn(1, 1, 6, 6, 6, requires_grad=True)
+    trilinear_resize(x, (11, 11, 11)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -54,16 +54,18 @@ class ReluMLP(nn.Module):
 @lru_cache(maxsize=32)
 def _linear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """n_out x n_in weights of 1-D linear interpolation with align_corners=False, computed as F.interpolate
-    computes them (source position (o + 0.5) * n_in / n_out - 0.5, clamped at 0; the last voxel repeated)."""
-    source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-    low = source.floor().long().clamp(max=n_in - 1)
-    high = (low + 1).clamp(max=n_in - 1)
-    fraction = source - low
-    rows = torch.arange(n_out)
-    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
-    weights.index_put_((rows, low), 1 - fraction, accumulate=True)
-    weights.index_put_((rows, high), fraction, accumulate=True)
-    return weights.to(device, dtype)
+    computes them (source position (o + 0.5) * n_in / n_out - 0.5, clamped at 0; the last voxel repeated).
+    Built outside inference mode: the cached tensor also serves later calls that autograd records."""
+    with torch.inference_mode(False):
+        source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+        low = source.floor().long().clamp(max=n_in - 1)
+        high = (low + 1).clamp(max=n_in - 1)
+        fraction = source - low
+        rows = torch.arange(n_out)
+        weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+        weights.index_put_((rows, low), 1 - fraction, accumulate=True)
+        weights.index_put_((rows, high), fraction, accumulate=True)
+        return weights.to(device, dtype)
 
 
 def trilinear_resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
