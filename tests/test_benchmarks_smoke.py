@@ -155,6 +155,17 @@ def test_upsampling_smoke_compares_every_size_with_f_interpolate() -> None:
     assert len(differences) == 3 and max(differences) < 1e-5, out
 
 
+
+def test_refinement_head_smoke_compares_the_split_convolution_with_the_concatenation() -> None:
+    out = run_script("refinement_head.py", "--size", "64", "--repeats", "1").stdout
+    assert re.search(r"^ratio training step, split first convolution / UNet on the concatenation: .+ = \d+\.\d+x$",
+                     out, re.MULTILINE), out
+    split, plain = (float(v) for v in re.search(r"^loss (\S+) \(split\) / (\S+) \(concatenation\)", out,
+                                                re.MULTILINE).groups())
+    difference, largest = (float(v) for v in re.search(r"difference (\S+) of largest (\S+)$", out,
+                                                       re.MULTILINE).groups())
+    assert abs(split - plain) < 1e-4 and difference < 1e-5 * largest, out
+
 @pytest.mark.slow
 def test_gpu_smoke_runs_every_check_with_a_cpu_form_into_one_report(tmp_path: Path) -> None:
     out = tmp_path / "gpu_smoke.json"

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from samft.model import build_model, build_model_from_config, load_weights
 from samft.model.build import SAM_PARTS
+from samft.model.heads import RefinementHead
 
 
 def trained_head_logits(model: torch.nn.Module, logits_of: Callable[[], torch.Tensor], target: torch.Tensor, *,
@@ -76,8 +78,6 @@ def test_only_the_full_resolution_head_sees_and_draws_single_voxels(full_resolut
     """A 1-voxel checkerboard of +-1 in a 16^3 region, the target its +1 voxels: every 2^3 cell averages to 0, so
     the pooled head cannot see it, and its 2-voxel grid cannot draw it (marking the whole region gives 0.67);
     the full-resolution head does both."""
-    from samft.model.heads import RefinementHead
-
     torch.manual_seed(0)
     head = RefinementHead(full_resolution=full_resolution)
     i = torch.arange(32)
@@ -109,7 +109,6 @@ def test_the_run_config_rebuilds_the_head() -> None:
 
 
 def test_guidance_puts_each_click_on_the_head_grid_by_its_label() -> None:
-    from samft.model.heads import RefinementHead
     from samft.model.prompts import NO_CLICK
 
     head = RefinementHead(downsample=2, guidance_sigma=2.0)
@@ -148,3 +147,93 @@ def test_the_head_segments_the_clicked_one_of_two_identical_bleeds() -> None:
     other_cube_marked = (pred * (1 - target) * image).sum(dim=per_sample) / target.sum(dim=per_sample)
     # without guidance the same training marks about 80 % of the other cube and reaches Dice 0.57
     assert (other_cube_marked < 0.1).all() and (dice > 0.7).all(), (other_cube_marked, dice)
+
+
+def randomised_output_layer(head: torch.nn.Module) -> None:
+    """Give the head's zero-initialised output layer random weights, so its correction reaches the output."""
+    output = [m for m in head.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)][-1]
+    torch.nn.init.normal_(output.weight, std=0.1)
+    torch.nn.init.normal_(output.bias, std=0.1)
+
+
+@pytest.mark.parametrize("full_resolution", [False, True])
+@pytest.mark.parametrize("with_clicks", [False, True])
+def test_the_split_first_convolution_equals_the_unet_on_the_concatenated_inputs(
+    full_resolution: bool, with_clicks: bool
+) -> None:
+    """forward convolves the CT, the coarse logits and the click guidance apart; outputs and gradients (weights
+    and decoder logits) equal MONAI's UNet on their concatenation, computed here from the same parts."""
+    from monai.networks.utils import pixelshuffle, pixelunshuffle
+
+    from samft.model.layers import trilinear_resize
+
+    torch.manual_seed(0)
+    head = RefinementHead(full_resolution=full_resolution).double()
+    randomised_output_layer(head)
+    image = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    low_res = torch.randn(2, 1, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    clicks = (torch.tensor([[[5.0, 9.0, 20.0], [30.0, 1.0, 7.0]], [[16.0, 16.0, 16.0], [0.0, 0.0, 0.0]]]),
+              torch.tensor([[1, 0], [1, -1]])) if with_clicks else None
+    grid = [16, 16, 16]
+
+    def concatenated() -> torch.Tensor:
+        small = pixelunshuffle(image, spatial_dims=3, scale_factor=2) if full_resolution else F.avg_pool3d(image, 2)
+        guidance = head.guidance(clicks, batch=2, grid=grid, like=small)
+        correction = head.net(torch.cat([small, trilinear_resize(low_res, grid), guidance], dim=1))
+        refined = trilinear_resize(low_res, [32] * 3) + trilinear_resize(correction[:, :1], [32] * 3)
+        return refined + pixelshuffle(correction[:, 1:], spatial_dims=3, scale_factor=2) if full_resolution \
+            else refined
+
+    weights = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    results = []
+    for logits_of in (lambda: head(image, low_res, clicks), concatenated):
+        head.zero_grad()
+        low_res.grad = None
+        logits = logits_of()
+        (logits * weights).sum().backward()
+        results.append((logits.detach(), low_res.grad.clone(), [p.grad.clone() for p in head.parameters()]))
+    (split, split_low, split_params), (plain, plain_low, plain_params) = results
+    assert (split - trilinear_resize(low_res, [32] * 3)).abs().max() > 0.1  # the correction is not zero
+    torch.testing.assert_close(split, plain, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(split_low, plain_low, rtol=1e-10, atol=1e-10)
+    for a, b in zip(split_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_segment_shares_the_head_image_term_and_matches_each_round_alone() -> None:
+    """One training forward (a click round and a prompt-free round, the CT's share computed once) gives the
+    logits and gradients of the two rounds computed apart, each with its own share (float32: the model's clicks
+    are float32)."""
+    torch.manual_seed(0)
+    model = build_model(name="sam_med3d_tiny", visual_tokens=16, refine=True, refine_full_resolution=True)
+    randomised_output_layer(model.refiner)
+    image = torch.randn(1, 1, 128, 128, 128)
+    target = torch.zeros_like(image)
+    target[0, 0, 40, 70, 90] = 1.0  # a one-voxel target: the simulated click lands on it
+    weights = torch.randn(2, *image.shape)
+
+    def shared() -> tuple[torch.Tensor, torch.Tensor]:
+        out = model.segment(image, target=target, num_clicks=1, prompt_free=True)
+        return out.logits[0], out.prompt_free
+
+    def apart() -> tuple[torch.Tensor, torch.Tensor]:
+        clicked = model.segment_points(image, coords=torch.tensor([[[40.0, 70.0, 90.0]]]),
+                                       labels=torch.ones(1, 1, dtype=torch.long))
+        return clicked, model.segment(image, num_clicks=0).logits[0]
+
+    results = []
+    for rounds in (shared, apart):
+        model.zero_grad()
+        click, free = rounds()
+        ((click * weights[0]).sum() + (free * weights[1]).sum()).backward()
+        results.append((click.detach(), free.detach(),
+                        [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert not torch.allclose(results[0][0], results[0][1])  # the click changes the output
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+    assert len(results[0][2]) == len(results[1][2])
+    # float32 sums over 128^3 voxels in two orders; some gradients are rounding noise only (a bias before an
+    # instance norm has none in exact arithmetic), so the tolerance is set by the largest gradient
+    scale = max(float(g.abs().max()) for g in results[1][2])
+    for a, b in zip(results[0][2], results[1][2], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4 * scale)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
 from monai.networks.nets import UNet
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
@@ -57,6 +59,10 @@ class RefinementHead(nn.Module):
     The default widths (16-32-64-128, 0.49 M parameters, under 1 % of the released model) give the head the depth
     to delineate what the decoder's 6 mm grid only locates; a second level of width costs about 30 % more than
     the 8-16-32 head on a CPU, as the deep levels are small.
+    The UNet's first convolution takes its three inputs apart and sums (equal to convolving their concatenation):
+    the CT's share (`image_term`) needs no input gradient and is the same in every round of a training step, so
+    `SamMed3D.segment` computes it once; the guidance's share is skipped without clicks. On a CPU that makes a
+    training step's compute about 1.25x faster (benchmarks/refinement_head.py).
     """
 
     def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128), downsample: int = 2,
@@ -74,24 +80,55 @@ class RefinementHead(nn.Module):
         assert output.out_channels == 1 + cells, "the UNet's last convolution must be its output layer"
         nn.init.zeros_(output.weight)
         nn.init.zeros_(output.bias)
+        self.image_channels = max(cells, 1)
+        first = self.net.model[0]
+        assert len(self.net.model) == 3 and isinstance(first, Convolution) and isinstance(first.conv, nn.Conv3d) \
+            and first.conv.groups == 1 and first.conv.padding_mode == "zeros", \
+            "the UNet must start with one plain convolution (down, skip, up), which forward splits by input"
 
     def forward(self, image: torch.Tensor, low_res: torch.Tensor,
-                clicks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                clicks: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                image_term: torch.Tensor | None = None) -> torch.Tensor:
         """clicks: coords B x N x 3 (voxel indices of the S^3 image) and labels B x N (1 positive, 0 negative,
-        any other value ignored, e.g. NO_CLICK padding)."""
+        any other value ignored, e.g. NO_CLICK padding); image_term: `self.image_term(image)` when the caller has
+        it already (the rounds of one step)."""
         size, d = image.shape[2:], self.downsample
         grid = [s // d for s in size]
-        if self.full_resolution:
-            small = pixelunshuffle(image, spatial_dims=3, scale_factor=d)
-        else:
-            small = nn.functional.avg_pool3d(image, d) if d > 1 else image
-        coarse = trilinear_resize(low_res, grid)
-        guidance = self.guidance(clicks, batch=image.shape[0], grid=grid, like=small)
-        correction = self.net(torch.cat([small, coarse.to(small.dtype), guidance], dim=1))
+        first = self.image_term(image) if image_term is None else image_term
+        coarse = trilinear_resize(low_res, grid).to(first.dtype)
+        c = self.image_channels
+        first = first + self._first_convolution(coarse, slice(c, c + 1))
+        if clicks is not None and clicks[0].shape[1] > 0:  # without clicks the guidance is zero
+            guidance = self.guidance(clicks, batch=image.shape[0], grid=grid, like=coarse)
+            first = first + self._first_convolution(guidance, slice(c + 1, c + 3))
+        correction = self._after_first_convolution(first)
         refined = trilinear_resize(low_res, size) + trilinear_resize(correction[:, :1], size)
         if self.full_resolution:
             refined = refined + pixelshuffle(correction[:, 1:], spatial_dims=3, scale_factor=d)
         return refined
+
+    def image_term(self, image: torch.Tensor) -> torch.Tensor:
+        """The CT's share of the UNet's first convolution, with its bias: image B x 1 x S x S x S -> B x C1 x
+        (S/2d)^3 (C1 the UNet's first width). The CT goes in as each grid cell's d^3 voxels (full resolution) or
+        their mean."""
+        d = self.downsample
+        if self.full_resolution:
+            small = pixelunshuffle(image, spatial_dims=3, scale_factor=d)
+        else:
+            small = F.avg_pool3d(image, d) if d > 1 else image
+        term = self._first_convolution(small, slice(0, self.image_channels))
+        bias = self.net.model[0].conv.bias
+        return term if bias is None else term + bias.view(1, -1, 1, 1, 1)
+
+    def _first_convolution(self, x: torch.Tensor, channels: slice) -> torch.Tensor:
+        """The UNet's first convolution restricted to its input channels `channels` (no bias): x B x k x grid."""
+        conv = self.net.model[0].conv
+        return F.conv3d(x, conv.weight[:, channels], None, conv.stride, conv.padding, conv.dilation)
+
+    def _after_first_convolution(self, first: torch.Tensor) -> torch.Tensor:
+        """The rest of the MONAI UNet: its first block's norm and activation, the skip connection, the up path."""
+        down, skip, up = self.net.model
+        return up(skip(down.adn(first)))
 
     def guidance(self, clicks: tuple[torch.Tensor, torch.Tensor] | None, *, batch: int, grid: list[int],
                  like: torch.Tensor) -> torch.Tensor:

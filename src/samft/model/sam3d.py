@@ -139,11 +139,15 @@ class SamMed3D(nn.Module):
             got = None if target is None else tuple(target.shape)
             raise ValueError(f"num_clicks > 0 needs target of the image's shape {tuple(image.shape)}, got {got}")
         features = self.encode(image)
+        # the refinement head's share of the CT is the same in every round
+        head_term = self.refiner.image_term(image) if self.refiner is not None else None
         if num_clicks == 0:
-            logits = [self.full_resolution(self.decode(features), image)]
+            logits = [self.full_resolution(self.decode(features), image, head_term=head_term)]
         else:
-            logits = self._click_rounds(features, image, target, num_clicks=num_clicks, generator=generator)
-        unprompted = self.full_resolution(self.decode(features), image) if prompt_free and num_clicks > 0 else None
+            logits = self._click_rounds(features, image, target, num_clicks=num_clicks, generator=generator,
+                                        head_term=head_term)
+        unprompted = (self.full_resolution(self.decode(features), image, head_term=head_term)
+                      if prompt_free and num_clicks > 0 else None)
         return SegmentOutput(logits=logits, ich_logit=self.ich_logit(features), features=features,
                              prompt_free=unprompted)
 
@@ -157,16 +161,18 @@ class SamMed3D(nn.Module):
         return self.full_resolution(self.decode(self.encode(image), points=points), image, points=points)
 
     def full_resolution(self, low_res: torch.Tensor, image: torch.Tensor,
-                        points: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        points: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                        head_term: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits B x 1 x S/4 x S/4 x S/4 -> B x 1 x S x S x S (upsampled, then refined if there is a
-        refinement head, which also sees the clicks `points`: coords B x N x 3, labels B x N)."""
+        refinement head, which also sees the clicks `points`: coords B x N x 3, labels B x N; `head_term`: its
+        `image_term(image)`, computed here when None)."""
         if self.refiner is not None:
-            return self.refiner(image, low_res, points)
+            return self.refiner(image, low_res, points, image_term=head_term)
         return trilinear_resize(low_res, (self.img_size,) * 3)
 
     def _click_rounds(
         self, features: torch.Tensor, image: torch.Tensor, target: torch.Tensor, *, num_clicks: int,
-        generator: torch.Generator | None,
+        generator: torch.Generator | None, head_term: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         batch = features.shape[0]
         coords = features.new_zeros(batch, 0, 3, dtype=torch.float32)
@@ -180,7 +186,7 @@ class SamMed3D(nn.Module):
             coords = torch.cat([coords, new_coords[:, None]], dim=1)
             labels = torch.cat([labels, new_labels[:, None]], dim=1)
             low_res = self._decode_clicks(features, coords, labels, mask_prompt)
-            logits.append(self.full_resolution(low_res, image, points=(coords, labels)))
+            logits.append(self.full_resolution(low_res, image, points=(coords, labels), head_term=head_term))
             mask_prompt = low_res.detach()
         return logits
 
