@@ -62,7 +62,7 @@ class RefinementHead(nn.Module):
     The UNet's first convolution takes its three inputs apart and sums (equal to convolving their concatenation):
     the CT's share (`image_term`) needs no input gradient and is the same in every round of a training step, so
     `SamMed3D.segment` computes it once; the guidance's share is skipped without clicks. On a CPU that makes a
-    training step's compute about 1.25x faster (benchmarks/refinement_head.py).
+    training step about 1.24x faster (benchmarks/refinement_head.py).
     """
 
     def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128), downsample: int = 2,
