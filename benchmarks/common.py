@@ -143,3 +143,15 @@ def _cpu_name() -> str:
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
+
+def realistic_step_batch(*, size: int, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The realistic recipe's training loss and a batch for timing its step: (loss, image B x 1 x size^3, label with
+    one small box-shaped bleed in the middle, ich B)."""
+    from samft.engine.losses import SegmentationLoss
+
+    loss_fn = SegmentationLoss(ich_weight=0.1, lesion_pos_weight=50.0, batch_dice=True)
+    image = torch.randn(batch, 1, *(size,) * 3, generator=torch.Generator().manual_seed(0))
+    label = torch.zeros_like(image)
+    c = size // 2
+    label[..., c - 5:c + 5, c - 6:c + 6, c - 3:c + 3] = 1.0
+    return loss_fn, image, label, torch.ones(batch)

@@ -22,10 +22,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import header, ratio_line
+from common import header, ratio_line, realistic_step_batch
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 
-from samft.engine.losses import SegmentationLoss
 from samft.model import REGISTRY
 from samft.model.build import build_sam
 from samft.model.heads import RefinementHead
@@ -34,8 +33,9 @@ from samft.model.layers import trilinear_resize
 
 def concatenated_forward(head: RefinementHead, image: torch.Tensor, low_res: torch.Tensor,
                          clicks: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-                         image_term: torch.Tensor | None = None) -> torch.Tensor:
-    """The baseline: the head's UNet on cat(CT, coarse logits, guidance) in every round (image_term unused)."""
+                         image_term: torch.Tensor | None = None, box: object = None) -> torch.Tensor:
+    """The baseline: the head's UNet on cat(CT, coarse logits, guidance) in every round (image_term unused; box
+    None, the whole crop, as this model trains)."""
     size, d = image.shape[2:], head.downsample
     grid = [s // d for s in size]
     small = pixelunshuffle(image, spatial_dims=3, scale_factor=d) if head.full_resolution else F.avg_pool3d(image, d)
@@ -61,13 +61,7 @@ def main() -> None:
     model = build_sam(spec, refine=True, refine_full_resolution=True)
     output = [m for m in model.refiner.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)][-1]
     torch.nn.init.normal_(output.weight, std=0.01)  # a trained head's correction is not zero
-    loss_fn = SegmentationLoss(ich_weight=0.1, lesion_pos_weight=50.0, batch_dice=True)
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(args.batch, 1, *(args.size,) * 3, generator=generator)
-    label = torch.zeros_like(image)
-    c = args.size // 2
-    label[..., c - 5:c + 5, c - 6:c + 6, c - 3:c + 3] = 1.0
-    ich = torch.ones(args.batch)
+    loss_fn, image, label, ich = realistic_step_batch(size=args.size, batch=args.batch)
 
     def step(forward: Callable[..., torch.Tensor]) -> tuple[float, float, torch.Tensor]:
         """(seconds, loss, flat weight gradient) of one forward + backward with the head's forward replaced."""

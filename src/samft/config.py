@@ -77,6 +77,9 @@ class ModelConfig:
     batch_dice: bool = True
     refine: bool = False
     refine_full_resolution: bool = False
+    refine_norm: str = "instance"
+    refine_crop: int | None = None
+    refine_crop_lesion_share: float = 0.67
     prompt_mode: str = "click"
     train_clicks: int = 3
     val_clicks: list[int] = field(default_factory=lambda: [1, 3, 5])
@@ -328,6 +331,17 @@ def _check_model(cfg: DictConfig) -> None:
     if name in PROMPT_FREE_MODELS and cfg.model.prompt_mode != "auto":
         raise UserError(f"model={name} takes no click prompts; set model.prompt_mode=auto (conf/model/{name}.yaml "
                         "does)")
+    crop = cfg.model.get("refine_crop")
+    if crop is not None:
+        if name == "unet" or not cfg.model.refine:
+            raise UserError(f"config key 'model.refine_crop' is {crop}; it trains the refinement head on boxes, so "
+                            "it needs a SAM model with model.refine=true (or set model.refine_crop=null)")
+        if not isinstance(crop, int) or crop % 16 or not 16 <= crop <= 128:
+            raise UserError(f"config key 'model.refine_crop' is {crop!r}; give a multiple of 16 from 16 to 128 "
+                            "(the head's UNet halves its grid three times), or null")
+        if cfg.model.refine_norm != "batch":
+            raise UserError("config key 'model.refine_crop' needs model.refine_norm=batch: instance norm's statistics "
+                            "over a box differ from those over the whole crop that validation and predict refine")
 
 
 def _check_sources(cfg: DictConfig) -> None:

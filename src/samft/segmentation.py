@@ -61,7 +61,8 @@ def scan_logits(
 
     clicks None: prompt-free, Gaussian-weighted sliding windows of `roi_size` with `overlap` (air outside the
     volume). clicks N x 4 (`[x, y, z, label]`, voxel indices of `volume`, label 1 inside the lesion, 0 outside):
-    one window centred on the positive clicks, decoded with them; voxels outside it get `OUTSIDE_LOGIT`.
+    one window centred on the positive clicks, decoded with them; voxels outside it get `OUTSIDE_LOGIT`. Along an
+    axis shorter than `roi_size` the scan is centred in the window, with air on both sides, as in training.
     """
     roi = tuple(int(r) for r in roi_size)
     if clicks is None:
@@ -78,19 +79,24 @@ def _click_window_logits(
     roi_t = torch.tensor(roi)
     shape = torch.tensor(volume.shape[2:])
     padded_shape = torch.maximum(shape, roi_t)
+    # an axis shorter than the window gets air on both sides, as training's SpatialPad and the prompt-free
+    # sliding window give it: the scan's first and last slices lie where the model saw them in training
+    offset = (padded_shape - shape) // 2
+    scan = (..., *[slice(int(o), int(o) + int(s)) for o, s in zip(offset, shape)])
     canvas = volume.new_full((1, 1, *padded_shape.tolist()), air)
-    canvas[(..., *[slice(0, s) for s in shape.tolist()])] = volume
-    positives = clicks[clicks[:, 3] == 1][:, :3]
-    centre = (positives if len(positives) else clicks[:, :3]).mean(0)
+    canvas[scan] = volume
+    points = clicks[:, :3] + offset
+    positives = points[clicks[:, 3] == 1]
+    centre = (positives if len(positives) else points).mean(0)
     start = (centre - roi_t / 2).round().long().clamp(min=0)
     start = torch.minimum(start, padded_shape - roi_t)
     window_slices = (..., *[slice(int(a), int(a) + r) for a, r in zip(start, roi)])
-    coords = (clicks[:, :3] - start).unsqueeze(0).to(volume.device, torch.float32)
+    coords = (points - start).unsqueeze(0).to(volume.device, torch.float32)
     labels = clicks[:, 3].long().unsqueeze(0).to(volume.device)
     window_logits = model.segment_points(canvas[window_slices], coords=coords, labels=labels).float()
     logits = volume.new_full((1, 1, *padded_shape.tolist()), OUTSIDE_LOGIT)
     logits[window_slices] = window_logits
-    return logits[(..., *[slice(0, s) for s in shape.tolist()])]
+    return logits[scan]
 
 
 def to_scan_grid(probabilities: torch.Tensor, image: MetaTensor, transform: Compose) -> np.ndarray:

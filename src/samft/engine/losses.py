@@ -32,7 +32,10 @@ class SegmentationLoss(nn.Module):
     def forward(self, output: Any, label: torch.Tensor, ich: torch.Tensor) -> torch.Tensor:
         """output: SegmentOutput (logits: list of B x 1 x S x S x S, prompt_free: one more or None, ich_logit: B
         or None);
-        label: B x 1 x S x S x S in {0, 1}; ich: B in {0, 1}. Returns a scalar computed in fp32."""
+        label: B x 1 x S x S x S in {0, 1} (taken in `output.box` when the logits cover a box); ich: B in {0, 1}.
+        Returns a scalar computed in fp32."""
+        if getattr(output, "box", None) is not None:
+            label = output.box.crop(label)
         rounds = [*output.logits, *([] if output.prompt_free is None else [output.prompt_free])]
         loss = sum(self.dice_ce(logits.float(), label) for logits in rounds)
         if self.ich_weight > 0 and output.ich_logit is not None:

@@ -9,6 +9,7 @@ from monai.networks.nets import UNet
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
 
+from samft.model.head_crop import Box
 from samft.model.layers import trilinear_resize
 
 
@@ -66,7 +67,7 @@ class RefinementHead(nn.Module):
     """
 
     def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128), downsample: int = 2,
-                 guidance_sigma: float = 2.0, full_resolution: bool = False) -> None:
+                 guidance_sigma: float = 2.0, full_resolution: bool = False, norm: str = "instance") -> None:
         super().__init__()
         self.downsample = downsample
         self.guidance_sigma = guidance_sigma
@@ -75,7 +76,7 @@ class RefinementHead(nn.Module):
         # put back in place, beside the one trilinearly upsampled correction channel
         cells = downsample**3 if full_resolution else 0
         self.net = UNet(spatial_dims=3, in_channels=max(cells, 1) + 3, out_channels=1 + cells, channels=channels,
-                        strides=(2,) * (len(channels) - 1), num_res_units=0, norm="instance")
+                        strides=(2,) * (len(channels) - 1), num_res_units=0, norm=norm)
         output = [m for m in self.net.modules() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)][-1]
         assert output.out_channels == 1 + cells, "the UNet's last convolution must be its output layer"
         nn.init.zeros_(output.weight)
@@ -88,21 +89,29 @@ class RefinementHead(nn.Module):
 
     def forward(self, image: torch.Tensor, low_res: torch.Tensor,
                 clicks: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-                image_term: torch.Tensor | None = None) -> torch.Tensor:
+                image_term: torch.Tensor | None = None, box: Box | None = None) -> torch.Tensor:
         """clicks: coords B x N x 3 (voxel indices of the S^3 image) and labels B x N (1 positive, 0 negative,
-        any other value ignored, e.g. NO_CLICK padding); image_term: `self.image_term(image)` when the caller has
-        it already (the rounds of one step)."""
-        size, d = image.shape[2:], self.downsample
+        any other value ignored, e.g. NO_CLICK padding); image_term: `self.image_term` of the image (of its box)
+        when the caller has it already (the rounds of one step); box: refine only each sample's box (training with
+        `model.refine_crop`), giving B x 1 x size^3 logits."""
+        full, d = image.shape[2:], self.downsample
+        size = full if box is None else (box.size,) * 3
         grid = [s // d for s in size]
-        first = self.image_term(image) if image_term is None else image_term
-        coarse = trilinear_resize(low_res, grid).to(first.dtype)
+        if image_term is None:
+            image_term = self.image_term(image if box is None else box.crop(image))
+        coarse = trilinear_resize(low_res, [s // d for s in full]).to(image_term.dtype)
+        upsampled = trilinear_resize(low_res, full)
+        if box is not None:
+            coarse, upsampled = box.crop(coarse, scale=d), box.crop(upsampled)
+            if clicks is not None:
+                clicks = (clicks[0] - box.starts[:, None].to(clicks[0].dtype), clicks[1])
         c = self.image_channels
-        first = first + self._first_convolution(coarse, slice(c, c + 1))
+        first = image_term + self._first_convolution(coarse, slice(c, c + 1))
         if clicks is not None and clicks[0].shape[1] > 0:  # without clicks the guidance is zero
             guidance = self.guidance(clicks, batch=image.shape[0], grid=grid, like=coarse)
             first = first + self._first_convolution(guidance, slice(c + 1, c + 3))
         correction = self._after_first_convolution(first)
-        refined = trilinear_resize(low_res, size) + trilinear_resize(correction[:, :1], size)
+        refined = upsampled + trilinear_resize(correction[:, :1], size)
         if self.full_resolution:
             refined = refined + pixelshuffle(correction[:, 1:], spatial_dims=3, scale_factor=d)
         return refined

@@ -9,6 +9,7 @@ from torch import nn
 
 from samft.model.decoder import MaskDecoder3D
 from samft.model.encoder import ImageEncoder3D
+from samft.model.head_crop import Box, sample_box
 from samft.model.heads import PresenceHead, RefinementHead, RepresentationHead
 from samft.model.layers import trilinear_resize
 from samft.model.prompt_encoder import PromptEncoder3D
@@ -23,19 +24,25 @@ class SegmentOutput:
     ich_logit: B ICH-presence logits, or None for a model without that head.
     features: B x C x g x g x g image-encoder features.
     prompt_free: B x 1 x S x S x S logits decoded without any prompt, when asked for beside click rounds.
+    box: in training with `model.refine_crop`, the box of each crop the logits cover (B x 1 x size^3 then);
+    the loss compares them with `box.crop(label)`.
     """
 
     logits: list[torch.Tensor]
     ich_logit: torch.Tensor | None
     features: torch.Tensor
     prompt_free: torch.Tensor | None = None
+    box: Box | None = None
 
 
 class SamMed3D(nn.Module):
     """Image encoder + prompt encoder + mask decoder (the released state-dict layout) + our heads.
 
     `refiner` (optional) turns the decoder's S/4 logits into full-resolution ones (`RefinementHead`); without it
-    the S/4 logits are upsampled trilinearly, as in the official model.
+    the S/4 logits are upsampled trilinearly, as in the official model. `refine_crop` (training only): the head
+    refines a box of that edge in each crop (`sample_box`, a uniformly drawn lesion voxel inside it with
+    probability `refine_crop_lesion_share`), and the loss is taken there; validation and prediction refine the
+    whole crop.
     """
 
     takes_clicks = True
@@ -54,14 +61,20 @@ class SamMed3D(nn.Module):
         representation_head: RepresentationHead,
         ich_head: PresenceHead,
         refiner: RefinementHead | None = None,
+        refine_crop: int | None = None,
+        refine_crop_lesion_share: float = 0.67,
     ) -> None:
         super().__init__()
+        if refine_crop is not None and refiner is None:
+            raise ValueError("refine_crop needs a refinement head")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.representation_head = representation_head
         self.ich_head = ich_head
         self.refiner = refiner
+        self.refine_crop = refine_crop
+        self.refine_crop_lesion_share = refine_crop_lesion_share
         self.img_size = image_encoder.img_size
         self.encoder_frozen = False
 
@@ -139,17 +152,23 @@ class SamMed3D(nn.Module):
             got = None if target is None else tuple(target.shape)
             raise ValueError(f"num_clicks > 0 needs target of the image's shape {tuple(image.shape)}, got {got}")
         features = self.encode(image)
+        box = None
+        if self.refine_crop is not None and self.training and target is not None:
+            box = sample_box(target, size=self.refine_crop, step=self.refiner.downsample,
+                             lesion_share=self.refine_crop_lesion_share, generator=generator)
         # the refinement head's share of the CT is the same in every round
-        head_term = self.refiner.image_term(image) if self.refiner is not None else None
+        head_term = None
+        if self.refiner is not None:
+            head_term = self.refiner.image_term(image if box is None else box.crop(image))
         if num_clicks == 0:
-            logits = [self.full_resolution(self.decode(features), image, head_term=head_term)]
+            logits = [self.full_resolution(self.decode(features), image, head_term=head_term, box=box)]
         else:
             logits = self._click_rounds(features, image, target, num_clicks=num_clicks, generator=generator,
-                                        head_term=head_term)
-        unprompted = (self.full_resolution(self.decode(features), image, head_term=head_term)
+                                        head_term=head_term, box=box)
+        unprompted = (self.full_resolution(self.decode(features), image, head_term=head_term, box=box)
                       if prompt_free and num_clicks > 0 else None)
         return SegmentOutput(logits=logits, ich_logit=self.ich_logit(features), features=features,
-                             prompt_free=unprompted)
+                             prompt_free=unprompted, box=box)
 
     # Wrappers call the module itself (DistributedDataParallel schedules its all-reduce through forward).
     forward = segment
@@ -162,19 +181,20 @@ class SamMed3D(nn.Module):
 
     def full_resolution(self, low_res: torch.Tensor, image: torch.Tensor,
                         points: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-                        head_term: torch.Tensor | None = None) -> torch.Tensor:
+                        head_term: torch.Tensor | None = None, box: Box | None = None) -> torch.Tensor:
         """Decoder logits B x 1 x S/4 x S/4 x S/4 -> B x 1 x S x S x S (upsampled, then refined if there is a
         refinement head, which also sees the clicks `points`: coords B x N x 3, labels B x N; `head_term`: its
-        `image_term(image)`, computed here when None)."""
+        `image_term` of the image or its box, computed here when None; `box`: B x 1 x size^3, each sample's box)."""
         if self.refiner is not None:
-            return self.refiner(image, low_res, points, image_term=head_term)
+            return self.refiner(image, low_res, points, image_term=head_term, box=box)
         return trilinear_resize(low_res, (self.img_size,) * 3)
 
     def _click_rounds(
         self, features: torch.Tensor, image: torch.Tensor, target: torch.Tensor, *, num_clicks: int,
-        generator: torch.Generator | None, head_term: torch.Tensor | None = None,
+        generator: torch.Generator | None, head_term: torch.Tensor | None = None, box: Box | None = None,
     ) -> list[torch.Tensor]:
         batch = features.shape[0]
+        box_target = target if box is None else box.crop(target)
         coords = features.new_zeros(batch, 0, 3, dtype=torch.float32)
         labels = torch.zeros(batch, 0, dtype=torch.long, device=features.device)
         mask_prompt, logits = None, []
@@ -182,11 +202,14 @@ class SamMed3D(nn.Module):
             if round_index == 0:
                 new_coords, new_labels = first_click(target, generator=generator)
             else:
-                new_coords, new_labels = correction_click(logits[-1], target, generator=generator)
+                new_coords, new_labels = correction_click(logits[-1], box_target, generator=generator)
+                if box is not None:
+                    new_coords = new_coords + box.starts.to(new_coords.dtype)
             coords = torch.cat([coords, new_coords[:, None]], dim=1)
             labels = torch.cat([labels, new_labels[:, None]], dim=1)
             low_res = self._decode_clicks(features, coords, labels, mask_prompt)
-            logits.append(self.full_resolution(low_res, image, points=(coords, labels), head_term=head_term))
+            logits.append(self.full_resolution(low_res, image, points=(coords, labels), head_term=head_term,
+                                               box=box))
             mask_prompt = low_res.detach()
         return logits
 
