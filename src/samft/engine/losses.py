@@ -34,7 +34,7 @@ class SegmentationLoss(nn.Module):
         or None);
         label: B x 1 x S x S x S in {0, 1} (taken in `output.box` when the logits cover a box); ich: B in {0, 1}.
         Returns a scalar computed in fp32."""
-        if getattr(output, "box", None) is not None:
+        if output.box is not None:
             label = output.box.crop(label)
         rounds = [*output.logits, *([] if output.prompt_free is None else [output.prompt_free])]
         loss = sum(self.dice_ce(logits.float(), label) for logits in rounds)
