@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,21 @@ def test_sample_voxels_uniform_inside_region_and_reproducible():
     a = sample_voxels(region.expand(3, -1, -1, -1, -1), generator=torch.Generator().manual_seed(7))[0]
     b = sample_voxels(region.expand(3, -1, -1, -1, -1), generator=torch.Generator().manual_seed(7))[0]
     assert torch.equal(a, b)
+
+
+def test_sample_voxels_draws_the_ranked_voxel_in_raster_order():
+    """The voxel of rank floor(u * count) in raster order, u the generator's one float64 per sample: the draw that
+    runs trained before the nonzero-based sampler made, so their clicks and boxes replay exactly."""
+    gen = torch.Generator().manual_seed(3)
+    region = torch.rand(3, 1, 9, 7, 5, generator=gen) < 0.1
+    region[1] = False
+    coords, found = sample_voxels(region, generator=torch.Generator().manual_seed(11))
+    u = torch.rand(3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    for b in range(3):
+        raster = np.argwhere(region[b, 0].numpy())  # rows in raster (C) order
+        assert found[b].item() == (len(raster) > 0)
+        expected = raster[int(u[b] * len(raster))] if len(raster) else [0, 0, 0]
+        assert coords[b].tolist() == [float(c) for c in expected]
 
 
 def test_first_click_positive_inside_target_and_none_for_empty():

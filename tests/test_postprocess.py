@@ -50,6 +50,16 @@ def test_empty_prediction_and_truth_score_one_and_a_lone_speck_is_removed() -> N
     assert scores["0.0"] == 0.0 and all(scores[str(c)] == 1.0 for c in CANDIDATES_ML[1:])
 
 
+def test_a_component_holding_a_positive_click_is_kept_whatever_its_size() -> None:
+    pred = np.zeros((20, 20, 6), dtype=np.uint8)
+    pred[2:4, 2:4, 1] = 1  # 4 voxels, 0.005 ml
+    pred[10:12, 10:12, 3] = 1
+    pred[15:20, 15:20, 2:6] = 1  # 100 voxels, 0.125 ml
+    assert remove_small_components(pred, AFFINE, min_ml=0.1).sum() == 100
+    kept = remove_small_components(pred, AFFINE, min_ml=0.1, keep_at=[(11, 10, 3), (0, 0, 0)])  # (0, 0, 0): unmarked
+    assert kept[10:12, 10:12, 3].all() and kept.sum() == 104
+
+
 def test_choose_takes_the_smallest_best_volume_and_none_unless_it_helps() -> None:
     decision = choose({0.0: [0.5, 0.5], 0.1: [0.5, 0.9], 0.5: [0.5, 0.9], 1.0: [0.1, 0.9]})
     assert decision["min_component_ml"] == 0.1 and decision["n_scans"] == 2

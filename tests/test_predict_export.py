@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers.patience import patience
 
+from samft import postprocess
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.export import load_encoder, save_encoder
 from samft.inference import Predictor
@@ -125,6 +126,28 @@ def test_click_prompts_map_from_scan_voxels(tmp_path: Path, tiny_checkpoint, mon
     predictor.predict(tmp_path / "scan.nii.gz", points=[[101.5, 61.5, 20.5, 1]])
     coords = seen["points"][0][0, 0].round().long().tolist()
     assert seen["window"][0, 0, coords[0], coords[1], coords[2]] == 1.0  # the bright block, windowed to 1
+
+
+def test_post_processing_keeps_the_clicked_component(tmp_path: Path, tiny_checkpoint, monkeypatch) -> None:
+    """The run's small-component rule drops specks, but never the component a positive click points at."""
+    ckpt, _ = tiny_checkpoint
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.name).write_bytes(ckpt.read_bytes())
+    postprocess.save(run, {"min_component_ml": 0.1})
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    hu = write_scan(tmp_path / "scan.nii.gz", (40, 40, 40), affine)
+    hu[5:8, 5:8, 5:8] = 1000  # two bright specks of 27 voxels, 0.09 ml each
+    hu[30:33, 30:33, 30:33] = 1000
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "scan.nii.gz")
+    predictor = Predictor(run / ckpt.name, device=torch.device("cpu"))
+    # the model marks the bright voxels (1 after the 0-80 HU window), whatever the prompt
+    monkeypatch.setattr("samft.inference.scan_logits", lambda model, image, **_: (image - 0.99).sign() * 10)
+    assert predictor.predict(tmp_path / "scan.nii.gz").mask().sum() == 0
+    clicked = predictor.predict(tmp_path / "scan.nii.gz", points=[[31.0, 31.0, 31.0, 1], [6.0, 6.0, 6.0, 0]])
+    assert clicked.clicked == ((31, 31, 31),)
+    mask = clicked.mask()
+    assert mask[30:33, 30:33, 30:33].all() and mask.sum() == 27
 
 
 @pytest.mark.skipif(not (SHARED / "head_ct.nii.gz").exists(), reason="../shared/data is absent")

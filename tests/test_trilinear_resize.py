@@ -39,3 +39,20 @@ def test_a_first_call_in_inference_mode_does_not_break_training_later() -> None:
     x = torch.randn(1, 1, 6, 6, 6, requires_grad=True)
     trilinear_resize(x, (11, 11, 11)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_window_is_the_resized_volume_cropped_at_each_samples_start() -> None:
+    """The refinement head's training boxes (`model.refine_crop`): values and gradients of only each sample's
+    cube equal those of the whole resized volume cropped there."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 8, 8, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    starts, edge = torch.tensor([[0, 0, 0], [16, 4, 28], [30, 12, 2]]), 6
+    grad = torch.randn(3, 2, edge, edge, edge, generator=generator, dtype=torch.float64)
+    ours = trilinear_resize(x, (36, 36, 36), window=(starts, edge))
+    whole = trilinear_resize(x, (36, 36, 36))
+    cropped = torch.stack([whole[i, :, a:a + edge, b:b + edge, c:c + edge]
+                           for i, (a, b, c) in enumerate(starts.tolist())])
+    assert ours.shape == (3, 2, edge, edge, edge)
+    torch.testing.assert_close(ours, cropped, rtol=1e-12, atol=1e-12)
+    ours_grad, cropped_grad = (torch.autograd.grad(y, x, grad)[0] for y in (ours, cropped))
+    torch.testing.assert_close(ours_grad, cropped_grad, rtol=1e-12, atol=1e-12)

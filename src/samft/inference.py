@@ -40,16 +40,18 @@ log = logging.getLogger("samft.inference")
 @dataclass(frozen=True)
 class Prediction:
     """A prediction on the input scan's grid: probabilities X x Y x Z in [0, 1], the scan's affine, and the run's
-    post-processing (predicted components under `min_component_ml` are dropped from the mask)."""
+    post-processing (predicted components under `min_component_ml` are dropped from the mask, except those holding
+    a positive click: `clicked`, voxel indices x, y, z of the scan)."""
 
     probabilities: np.ndarray
     affine: np.ndarray
     min_component_ml: float = 0.0
     has_geometry: bool = True  # False: a bare array read with the identity (1 mm) affine
+    clicked: tuple[tuple[int, int, int], ...] = ()
 
     def mask(self, threshold: float = 0.5) -> np.ndarray:
         mask = (self.probabilities > threshold).astype(np.uint8)
-        return remove_small_components(mask, self.affine, min_ml=self.min_component_ml)
+        return remove_small_components(mask, self.affine, min_ml=self.min_component_ml, keep_at=self.clicked)
 
 
 class Predictor:
@@ -145,7 +147,13 @@ class Predictor:
         if probabilities.shape != array.shape:  # cannot happen unless a transform is not invertible
             raise RuntimeError(f"inverted prediction {probabilities.shape} != scan {array.shape}")
         return Prediction(probabilities=probabilities, affine=np.asarray(volume.affine, dtype=np.float64),
-                          min_component_ml=self.min_component_ml, has_geometry=volume.has_geometry)
+                          min_component_ml=self.min_component_ml, has_geometry=volume.has_geometry,
+                          clicked=tuple(positive_voxels(points or [])))
+
+
+def positive_voxels(points: list[list[float]]) -> list[tuple[int, int, int]]:
+    """The voxels x, y, z (nearest) of the positive clicks among `points` ([x, y, z, label] in scan voxels)."""
+    return [(round(x), round(y), round(z)) for x, y, z, label in points if label == 1]
 
 
 def declared_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:

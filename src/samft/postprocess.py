@@ -16,13 +16,16 @@ FILE = "postprocessing.json"
 CANDIDATES_ML = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-def remove_small_components(mask: np.ndarray, affine: np.ndarray, *, min_ml: float) -> np.ndarray:
+def remove_small_components(mask: np.ndarray, affine: np.ndarray, *, min_ml: float,
+                            keep_at: Sequence[Sequence[int]] = ()) -> np.ndarray:
     """mask X x Y x Z {0,1} on a grid with `affine` (mm) -> the same without 26-connected components under
-    `min_ml` millilitres (unchanged for min_ml <= 0)."""
+    `min_ml` millilitres (unchanged for min_ml <= 0), except those holding a voxel of `keep_at` (indices x, y, z:
+    the positive clicks, whose object the reader asked for whatever its size)."""
     if min_ml <= 0 or not mask.any():
         return mask
     labels, voxels, voxel_ml = _components(mask, affine)
     keep = voxels * voxel_ml >= min_ml
+    keep[[labels[tuple(voxel)] for voxel in keep_at]] = True
     keep[0] = False
     return keep[labels].astype(mask.dtype)
 

@@ -19,6 +19,10 @@ class Box:
     starts: torch.Tensor
     size: int
 
+    def window(self, *, scale: int = 1) -> tuple[torch.Tensor, int]:
+        """(starts B x 3, edge) of the boxes on a grid `scale` times coarser, as `trilinear_resize` takes them."""
+        return self.starts // scale, self.size // scale
+
     def crop(self, x: torch.Tensor, *, scale: int = 1) -> torch.Tensor:
         """x B x C x (S/scale)^3 -> B x C x (size/scale)^3: each sample's box on a grid `scale` times coarser."""
         edge = self.size // scale

@@ -99,12 +99,15 @@ class RefinementHead(nn.Module):
         grid = [s // d for s in size]
         if image_term is None:
             image_term = self.image_term(image if box is None else box.crop(image))
-        coarse = trilinear_resize(low_res, [s // d for s in full]).to(image_term.dtype)
-        upsampled = trilinear_resize(low_res, full)
-        if box is not None:
-            coarse, upsampled = box.crop(coarse, scale=d), box.crop(upsampled)
+        coarse_size = [s // d for s in full]
+        if box is None:
+            coarse, upsampled = trilinear_resize(low_res, coarse_size), trilinear_resize(low_res, full)
+        else:  # the box's part of the upsampled logits only
+            coarse = trilinear_resize(low_res, coarse_size, window=box.window(scale=d))
+            upsampled = trilinear_resize(low_res, full, window=box.window())
             if clicks is not None:
                 clicks = (clicks[0] - box.starts[:, None].to(clicks[0].dtype), clicks[1])
+        coarse = coarse.to(image_term.dtype)
         c = self.image_channels
         first = image_term + self._first_convolution(coarse, slice(c, c + 1))
         if clicks is not None and clicks[0].shape[1] > 0:  # without clicks the guidance is zero
