@@ -225,3 +225,10 @@ def test_cpu_threads_realistic_without_its_data_says_where_it_looked(tmp_path: P
                             capture_output=True, text=True, timeout=patience(120), check=False)
     assert result.returncode == 1 and f"skipped: no realistic ICH data at {missing}" in result.stderr, result.stderr
     assert "SAMFT_ICH_DATA" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_resampling_smoke_compares_samft_preprocessing_with_float64() -> None:
+    out = run_script("resampling.py", "--size", "64", "--slices", "8", "--repeats", "1").stdout
+    ratio = r"^ratio preprocessing one scan, samft \(float32\) / float64: .+ = \d+\.\d+x$"
+    assert re.search(ratio, out, re.MULTILINE), out
+    assert "largest image difference" in out, out
