@@ -37,9 +37,10 @@ from samft.data.transforms import Preprocessing, crop_around_label
 from samft.devices import available_cpus
 from samft.errors import UserError
 
-# The stored sample format of the disk cache: 2 since labels are kept as uint8 (transforms.CompactLabeld); 1 (no key
-# in the hash) held float32 labels.
-CACHE_FORMAT = 2
+# The stored sample format of the disk cache: 3 since scans are resampled in float32 (transforms.build_transforms);
+# 2 kept labels as uint8 (transforms.CompactLabeld) after a float64 resampling; 1 (no key in the hash) held float32
+# labels.
+CACHE_FORMAT = 3
 
 
 def default_num_workers() -> int:
