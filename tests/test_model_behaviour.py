@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samft.model import build_model, correction_click, first_click, sample_voxels
+from samft.model import build_model, correction_click, first_click, prompts, sample_voxels
 from samft.model.attention import GridSelfAttention
 
 S = 128
@@ -135,9 +135,11 @@ def test_sample_voxels_uniform_inside_region_and_reproducible():
     assert torch.equal(a, b)
 
 
-def test_sample_voxels_draws_the_ranked_voxel_in_raster_order():
+@pytest.mark.parametrize("path", ["_ranked_by_nonzero", "_ranked_by_cumsum"])  # the CPU's and the GPU's
+def test_sample_voxels_draws_the_ranked_voxel_in_raster_order(path: str, monkeypatch: pytest.MonkeyPatch):
     """The voxel of rank floor(u * count) in raster order, u the generator's one float64 per sample: the draw that
     runs trained before the nonzero-based sampler made, so their clicks and boxes replay exactly."""
+    monkeypatch.setattr(prompts, "_ranked_by_nonzero", getattr(prompts, path))  # a CPU tensor takes this one
     gen = torch.Generator().manual_seed(3)
     region = torch.rand(3, 1, 9, 7, 5, generator=gen) < 0.1
     region[1] = False

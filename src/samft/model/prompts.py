@@ -14,19 +14,35 @@ NO_CLICK = -1
 def sample_voxels(
     region: torch.Tensor, *, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One uniformly drawn voxel of each sample's region (B x 1 x D x H x W bool).
+    """One uniformly drawn voxel of each sample's region (B x 1 x D x H x W bool): the voxel of rank
+    floor(u * count) in raster order, u one float64 per sample from `generator`.
 
     Returns coords B x 3 (float voxel indices; zeros where the region is empty) and found B (bool).
     """
-    # nonzero, not a cumsum over the volume: 10x faster for the few lesion voxels of a 128^3 crop on a CPU
-    voxels = [sample.nonzero().squeeze(1) for sample in region.flatten(1)]  # each sample's flat indices, ascending
-    counts = torch.tensor([len(v) for v in voxels], device=region.device)
     device = generator.device if generator is not None else region.device
-    u = torch.rand(len(voxels), generator=generator, device=device, dtype=torch.float64).to(region.device)
-    ranks = (u * counts).long().tolist()  # 0-based rank among the region's voxels in raster order
-    index = torch.stack([v[r] if len(v) else v.new_zeros(()) for v, r in zip(voxels, ranks)])
+    u = torch.rand(region.shape[0], generator=generator, device=device, dtype=torch.float64).to(region.device)
+    flat = region.flatten(1)
+    # On a CPU `nonzero` is 10x cheaper than a cumulative sum over a 128^3 crop; on a GPU the cumulative sum
+    # draws without reading the host. Both give the same voxel.
+    index, counts = (_ranked_by_nonzero if flat.device.type == "cpu" else _ranked_by_cumsum)(flat, u)
     coords = torch.stack(torch.unravel_index(index, region.shape[2:]), dim=1).float()
     return coords, counts > 0
+
+
+def _ranked_by_nonzero(flat: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat B x N bool, u B -> (the flat index of each row's voxel of rank floor(u * count), 0 if none; counts B)."""
+    voxels = [row.nonzero().squeeze(1) for row in flat]  # ascending flat indices
+    counts = torch.tensor([len(v) for v in voxels], device=flat.device)
+    ranks = (u * counts).long().tolist()
+    return torch.stack([v[r] if len(v) else v.new_zeros(()) for v, r in zip(voxels, ranks)]), counts
+
+
+def _ranked_by_cumsum(flat: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_ranked_by_nonzero` without a host read."""
+    counts = flat.sum(dim=1)
+    rank = (u * counts).long()
+    index = torch.searchsorted(flat.cumsum(dim=1), (rank + 1)[:, None]).squeeze(1)
+    return torch.where(counts > 0, index, torch.zeros_like(index)), counts
 
 
 def first_click(
