@@ -25,10 +25,9 @@ class Box:
 
     def crop(self, x: torch.Tensor, *, scale: int = 1) -> torch.Tensor:
         """x B x C x (S/scale)^3 -> B x C x (size/scale)^3: each sample's box on a grid `scale` times coarser."""
-        edge = self.size // scale
+        starts, edge = self.window(scale=scale)
         return torch.stack([
-            sample[:, a // scale:a // scale + edge, b // scale:b // scale + edge, c // scale:c // scale + edge]
-            for sample, (a, b, c) in zip(x, self.starts.tolist())
+            sample[:, a:a + edge, b:b + edge, c:c + edge] for sample, (a, b, c) in zip(x, starts.tolist())
         ])
 
 
