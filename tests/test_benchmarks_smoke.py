@@ -167,10 +167,12 @@ def test_refinement_head_smoke_compares_the_split_convolution_with_the_concatena
     assert abs(split - plain) < 1e-4 and difference < 1e-5 * largest, out
 
 
-def test_refine_crop_smoke_compares_the_box_step_with_the_whole_crop() -> None:
+def test_refine_crop_smoke_compares_the_box_step_with_the_whole_crop_and_the_cell_mlp() -> None:
     out = run_script("refine_crop.py", "--size", "64", "--box", "32", "--repeats", "1").stdout
     assert re.search(r"^ratio training step, box / whole crop: .+ = \d+\.\d+x$", out, re.MULTILINE), out
+    assert re.search(r"^ratio training step, box \+ cell MLP / box: .+ = \d+\.\d+x$", out, re.MULTILINE), out
     assert "whole crop: logits (2, 1, 64, 64, 64)" in out and "box: logits (2, 1, 32, 32, 32)" in out, out
+    assert "box + cell MLP: logits (2, 1, 32, 32, 32)" in out, out
 
 @pytest.mark.slow
 def test_gpu_smoke_runs_every_check_with_a_cpu_form_into_one_report(tmp_path: Path) -> None:

@@ -46,12 +46,13 @@ def test_a_lesion_box_puts_its_voxel_anywhere_and_an_empty_crop_gets_uniform_box
     assert empty.min() == 0 and empty.max() == 48 and abs(float(empty.float().mean()) - 24) < 1.0
 
 
-def test_a_box_of_the_head_equals_its_unet_on_the_box_inputs() -> None:
+@pytest.mark.parametrize("cell_mlp", [0, 16])
+def test_a_box_of_the_head_equals_its_unet_on_the_box_inputs(cell_mlp: int) -> None:
     """Each sample's box: the CT's voxels, the coarse logits and the click guidance taken in the box (the clicks
     moved into its coordinates), and the box of the upsampled decoder logits (float64, batch norm in eval mode, so
-    each sample is refined on its own)."""
+    each sample is refined on its own); the per-voxel stage, if any, on the box's CT voxels."""
     torch.manual_seed(0)
-    head = RefinementHead(full_resolution=True, norm="batch").double().eval()
+    head = RefinementHead(full_resolution=True, norm="batch", cell_mlp=cell_mlp).double().eval()
     randomised_output_layer(head)
     image = torch.randn(2, 1, 64, 64, 64, dtype=torch.float64)
     low_res = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
@@ -74,6 +75,11 @@ def test_a_box_of_the_head_equals_its_unet_on_the_box_inputs() -> None:
             expected = (trilinear_resize(low_res[i:i + 1], [64] * 3)[inner]
                         + trilinear_resize(correction[:, :1], [32] * 3)
                         + pixelshuffle(correction[:, 1:], spatial_dims=3, scale_factor=2))
+            if cell_mlp:
+                cells = torch.cat([pixelunshuffle(expected, spatial_dims=3, scale_factor=2),
+                                   pixelunshuffle(image[i:i + 1][inner], spatial_dims=3, scale_factor=2),
+                                   correction], dim=1)
+                expected = expected + pixelshuffle(head.cell_mlp(cells), spatial_dims=3, scale_factor=2)
             torch.testing.assert_close(refined[i:i + 1], expected, rtol=1e-10, atol=1e-10)
     assert refined.shape == (2, 1, 32, 32, 32)
 

@@ -59,6 +59,7 @@ RANGES: dict[str, Bound] = {
     "data.val_fraction": (0.0, 1.0, True),
     "data.fg_oversample": (0.0, 1.0, False),
     "model.refine_crop_lesion_share": (0.0, 1.0, False),
+    "model.refine_cell_mlp": (0, None, False),
     "data.aug_prob": (0.0, 1.0, False),
     "data.affine_prob": (0.0, 1.0, False),
     "data.window_width": (0.0, None, True),

@@ -80,6 +80,7 @@ class ModelConfig:
     refine_norm: str = "instance"
     refine_crop: int | None = None
     refine_crop_lesion_share: float = 0.67
+    refine_cell_mlp: int = 0
     prompt_mode: str = "click"
     train_clicks: int = 3
     val_clicks: list[int] = field(default_factory=lambda: [1, 3, 5])
@@ -331,6 +332,11 @@ def _check_model(cfg: DictConfig) -> None:
     if name in PROMPT_FREE_MODELS and cfg.model.prompt_mode != "auto":
         raise UserError(f"model={name} takes no click prompts; set model.prompt_mode=auto (conf/model/{name}.yaml "
                         "does)")
+    cell_mlp = cfg.model.get("refine_cell_mlp", 0)
+    if cell_mlp and (name == "unet" or not cfg.model.refine or not cfg.model.refine_full_resolution):
+        raise UserError(f"config key 'model.refine_cell_mlp' is {cell_mlp}; its per-voxel stage reads each voxel of "
+                        "the refinement head's full-resolution grid, so it needs a SAM model with model.refine=true "
+                        "and model.refine_full_resolution=true (or set model.refine_cell_mlp=0)")
     crop = cfg.model.get("refine_crop")
     if crop is not None:
         if name == "unet" or not cfg.model.refine:

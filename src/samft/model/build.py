@@ -73,11 +73,11 @@ REGISTRY: dict[str, SamMed3DSpec] = {
 def build_sam(
     spec: SamMed3DSpec, *, visual_tokens: int = 256, gradient_checkpointing: bool = False, refine: bool = False,
     refine_full_resolution: bool = False, refine_norm: str = "instance", refine_crop: int | None = None,
-    refine_crop_lesion_share: float = 0.67,
+    refine_crop_lesion_share: float = 0.67, refine_cell_mlp: int = 0,
 ) -> SamMed3D:
     """A randomly initialised SamMed3D with the given hyperparameters (`refine`: add a `RefinementHead`, at full
     resolution with `refine_full_resolution`, its UNet normalised by `refine_norm`, trained on boxes of edge
-    `refine_crop`; see `SamMed3D`)."""
+    `refine_crop`, with a per-voxel stage of `refine_cell_mlp` hidden units; see `SamMed3D`)."""
     encoder = ImageEncoder3D(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -113,7 +113,8 @@ def build_sam(
         ),
         representation_head=representation_head,
         ich_head=PresenceHead(dim=visual_tokens),
-        refiner=RefinementHead(full_resolution=refine_full_resolution, norm=refine_norm) if refine else None,
+        refiner=RefinementHead(full_resolution=refine_full_resolution, norm=refine_norm,
+                               cell_mlp=refine_cell_mlp) if refine else None,
         refine_crop=refine_crop, refine_crop_lesion_share=refine_crop_lesion_share,
     )
 
@@ -130,12 +131,14 @@ def build_model(
     refine_norm: str = "instance",
     refine_crop: int | None = None,
     refine_crop_lesion_share: float = 0.67,
+    refine_cell_mlp: int = 0,
     unet: UNetSpec | None = None,
 ) -> SamMed3D | UNetSegmenter:
     """The registered model `name`, its weights loaded from `checkpoint` (path or Hugging Face URL).
 
     `refine`: SAM models get a refinement head (`refine_full_resolution`: with the CT's every voxel in and out,
-    see `RefinementHead`; `refine_norm`, `refine_crop`, `refine_crop_lesion_share`: see `build_sam`). `unet`: the
+    see `RefinementHead`; `refine_norm`, `refine_crop`, `refine_crop_lesion_share`, `refine_cell_mlp`: see
+    `build_sam`). `unet`: the
     U-Net's architecture (name="unet").
     """
     if name == "unet":
@@ -144,7 +147,8 @@ def build_model(
         raise UserError(f"model.name={name!r} is not one of {sorted([*REGISTRY, 'unet'])}")
     model = build_sam(REGISTRY[name], visual_tokens=visual_tokens, gradient_checkpointing=gradient_checkpointing,
                       refine=refine, refine_full_resolution=refine_full_resolution, refine_norm=refine_norm,
-                      refine_crop=refine_crop, refine_crop_lesion_share=refine_crop_lesion_share)
+                      refine_crop=refine_crop, refine_crop_lesion_share=refine_crop_lesion_share,
+                      refine_cell_mlp=refine_cell_mlp)
     if checkpoint is not None:
         load_weights(model, checkpoint, model_name=name)
     if freeze_encoder:
@@ -167,7 +171,8 @@ def build_model_from_config(model: Mapping[str, Any], *, with_checkpoint: bool =
         freeze_encoder=model.get("freeze_encoder", False) if with_checkpoint else False,
         refine=model.get("refine", False), refine_full_resolution=model.get("refine_full_resolution", False),
         refine_norm=model.get("refine_norm", "instance"), refine_crop=model.get("refine_crop"),
-        refine_crop_lesion_share=model.get("refine_crop_lesion_share", 0.67), unet=spec,
+        refine_crop_lesion_share=model.get("refine_crop_lesion_share", 0.67),
+        refine_cell_mlp=model.get("refine_cell_mlp", 0), unet=spec,
     )
 
 
