@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_config import DATA_PATHS, compose_train
 
+from samft.config import validate
+from samft.errors import UserError
 from samft.model import build_model, build_model_from_config, load_weights
 from samft.model.build import SAM_PARTS
 from samft.model.heads import RefinementHead
@@ -157,11 +160,6 @@ def test_only_the_cell_mlp_learns_to_threshold_each_voxel_on_its_own_intensity(c
 
 
 def test_the_config_refuses_a_cell_mlp_without_the_full_resolution_head() -> None:
-    from test_config import DATA_PATHS, compose_train
-
-    from samft.config import validate
-    from samft.errors import UserError
-
     base = ["data=csv", *DATA_PATHS["csv"], "model=sam_med3d_tiny", "model.refine_cell_mlp=16"]
     for overrides in (["model.refine=true", "model.refine_full_resolution=false"], ["model.refine=false"]):
         with pytest.raises(UserError, match="model.refine_full_resolution=true"):

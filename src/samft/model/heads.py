@@ -135,9 +135,9 @@ class RefinementHead(nn.Module):
         if self.full_resolution:
             refined = refined + pixelshuffle(correction[:, 1:], spatial_dims=3, scale_factor=d)
         if self.cell_mlp is not None:
-            cells = [pixelunshuffle(x, spatial_dims=3, scale_factor=d)
-                     for x in (refined, image if box is None else box.crop(image))]
-            step = self.cell_mlp(torch.cat([cells[0], cells[1].to(refined.dtype), correction], dim=1))
+            logit_cells = pixelunshuffle(refined, spatial_dims=3, scale_factor=d)
+            ct_cells = pixelunshuffle(image if box is None else box.crop(image), spatial_dims=3, scale_factor=d)
+            step = self.cell_mlp(torch.cat([logit_cells, ct_cells.to(refined.dtype), correction], dim=1))
             refined = refined + pixelshuffle(step, spatial_dims=3, scale_factor=d)
         return refined
 
