@@ -1,9 +1,11 @@
-"""The cached part of the train and val pipelines keeps the 0/1 label as uint8 (a quarter of float32's bytes) and
-hands it on as float32 after the crop: the batches a seeded loader yields are bitwise what they were with float32
-labels, the memory and disk caches shrink, and the disk cache's settings hash names the new format."""
+"""The cached part of the train and val pipelines keeps the 0/1 label as uint8 (a quarter of float32's bytes); the
+training crop hands it on so (the step casts it), the validation crop as float32: the batches a seeded loader
+yields are bitwise what they were with float32 labels once the label is cast, the memory and disk caches shrink,
+the disk cache's settings hash names the new format, and drawing samples never writes into the memory cache."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import pickle
@@ -63,7 +65,7 @@ def _assert_same(ours: list[dict], theirs: list[dict]) -> None:
     for a, b in zip(ours, theirs):
         assert a.keys() == b.keys()
         for key in a:
-            x, y = a[key], b[key]
+            x, y = (a[key].float(), b[key]) if key == "label" else (a[key], b[key])
             if isinstance(x, torch.Tensor):
                 assert type(x) is type(y) and x.dtype == y.dtype and torch.equal(x, y), key
                 if isinstance(x, MetaTensor):
@@ -76,13 +78,48 @@ def _assert_same(ours: list[dict], theirs: list[dict]) -> None:
 def test_seeded_batches_are_bitwise_those_of_float32_labels(
     records, cache: str, affine_prob: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = replace(SETTINGS, affine_prob=affine_prob)  # without the affine (the default) only the crop casts
+    settings = replace(SETTINGS, affine_prob=affine_prob)
     ours = _batches(_loaders(records, cache, tmp_path / "ours", settings))
     with monkeypatch.context() as patch:
         _float32_labels(patch)
         theirs = _batches(_loaders(records, cache, tmp_path / "theirs", settings))
-    assert all(b["label"].dtype == torch.float32 for b in ours) and any(b["label"].sum() > 0 for b in ours)
+    train, val = ours[:-1], ours[-1:]  # the two validation cases make one batch
+    # the training crop keeps the cached uint8 (the affine resamples it to float32), the validation crop casts
+    assert {b["label"].dtype for b in train} == {torch.float32 if affine_prob else torch.uint8}
+    assert {b["label"].dtype for b in val} == {torch.float32} and any(b["label"].sum() > 0 for b in ours)
     _assert_same(ours, theirs)
+
+
+def test_drawing_training_samples_never_writes_into_the_memory_cache(records, tmp_path: Path) -> None:
+    """The memory cache hands its volumes to the random transforms uncopied (`copy_cache=False`): three epochs of
+    crops, flips, intensity changes and affines leave every cached tensor, its metadata and its applied
+    operations as they were."""
+    settings = replace(SETTINGS, aug_prob=1.0, affine_prob=0.5)
+    loaders = _loaders(records, "memory", tmp_path, settings)
+    cache = loaders.train.dataset.dataset._cache  # SeededSamples over the CacheDataset
+
+    def snapshot() -> list[dict]:
+        return [{key: (value.as_tensor().clone(), dict(value.meta), [dict(op) for op in value.applied_operations])
+                 if isinstance(value, MetaTensor) else copy.deepcopy(value) for key, value in item.items()}
+                for item in cache]
+
+    before = snapshot()
+    batches = [batch for _ in range(3) for batch in loaders.train]
+    assert any(b["image"].shape[-1] == 16 for b in batches)
+    after = snapshot()
+    for old, new in zip(before, after, strict=True):
+        assert old.keys() == new.keys()
+        for key in old:
+            if isinstance(old[key], tuple):
+                (a, meta_a, ops_a), (b, meta_b, ops_b) = old[key], new[key]
+                assert torch.equal(a, b) and len(ops_a) == len(ops_b), key
+                assert meta_a.keys() == meta_b.keys(), key
+            elif isinstance(old[key], np.ndarray):
+                assert np.array_equal(old[key], new[key]), key
+            elif isinstance(old[key], torch.Tensor):
+                assert torch.equal(old[key], new[key]), key
+            else:
+                assert old[key] == new[key], key
 
 
 def test_the_memory_cache_holds_uint8_labels_in_five_eighths_of_the_bytes(

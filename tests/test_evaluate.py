@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers.patience import patience
+from scipy.ndimage import distance_transform_edt
 
 from samft.data.demo import ensure_demo_dataset
 from samft.engine.checkpoint import FORMAT, save_checkpoint
@@ -68,6 +69,25 @@ def test_summary_per_size_band() -> None:
 def test_interior_click_is_the_innermost_lesion_voxel() -> None:
     assert interior_click(_box((3, 3, 3), 5)) == [5.0, 5.0, 5.0, 1.0]
     assert interior_click(np.zeros((4, 4, 4))) is None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_interior_click_equals_the_whole_scan_distance_transform(seed: int) -> None:
+    """Random blobs, some cut by the scan's edge, some with ties: the bounding-box computation picks the voxel the
+    whole-scan distance transform picks (its first maximum in raster order)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(6, 24, size=3))
+    grid = np.indices(shape).astype(float)
+    truth = np.zeros(shape, dtype=np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        centre = rng.uniform(-2, np.array(shape) + 2)[:, None, None, None]
+        radii = rng.uniform(1, 6, size=3)[:, None, None, None]
+        truth |= ((((grid - centre) / radii) ** 2).sum(axis=0) <= 1.0).astype(np.uint8)
+    if not truth.any():
+        truth[tuple(int(rng.integers(0, n)) for n in shape)] = 1
+    whole = distance_transform_edt(truth > 0)
+    expected = [float(i) for i in np.unravel_index(int(whole.argmax()), shape)]
+    assert interior_click(truth) == [*expected, 1.0]
 
 
 def test_evaluate_cli_writes_per_case_rows_summary_and_overlays(tmp_path: Path) -> None:

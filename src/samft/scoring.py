@@ -59,11 +59,23 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def interior_click(truth: np.ndarray) -> list[float] | None:
-    """The click a reader would give: the lesion voxel farthest from the lesion border, as [x, y, z, 1]."""
-    if not truth.any():
+    """The click a reader would give: the lesion voxel farthest from the lesion border (the first in raster order
+    among equals), as [x, y, z, 1].
+
+    The distances are computed in the lesion's bounding box grown by one voxel (within the scan): the nearest
+    background voxel of any lesion voxel lies in that box (projecting a voxel outside it onto the box brings it
+    closer and onto background), so the result is the whole scan's, at a fraction of the cost (seconds less per
+    512 x 512 scan).
+    """
+    lesion = np.asarray(truth) > 0
+    if not lesion.any():
         return None
-    depth = distance_transform_edt(truth > 0)
-    return [*map(float, np.unravel_index(int(depth.argmax()), truth.shape)), 1.0]
+    box = tuple(
+        slice(max(int(indices.min()) - 1, 0), int(indices.max()) + 2) for indices in np.nonzero(lesion)
+    )
+    depth = distance_transform_edt(lesion[box])
+    corner = np.unravel_index(int(depth.argmax()), depth.shape)
+    return [*(float(start.start + offset) for start, offset in zip(box, corner)), 1.0]
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:

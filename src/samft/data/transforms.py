@@ -18,8 +18,10 @@ Then:
 
 The result is one flat ``Compose``: MONAI's cached datasets cache everything before the first random
 transform, i.e. the deterministic prefix. There (``train`` and ``val``) the 0/1 label is kept as uint8
-(``CompactLabeld``: a quarter of float32's bytes, so a cached head CT costs 5/8 of what it did); the training
-crop and ``crop_around_label`` hand it on as float32, the tensors training and validation saw before.
+(``CompactLabeld``: a quarter of float32's bytes, so a cached head CT costs 5/8 of what it did). The training
+crop keeps it so, to the batch (a quarter of the bytes to flip and hand from the loader worker; the training step
+casts it on the device; the affine augmentation resamples it to float32); ``crop_around_label`` hands the
+validation crop on as float32.
 """
 
 from __future__ import annotations
@@ -154,8 +156,8 @@ def build_transforms(
 
     Output per sample: ``image`` float32 MetaTensor 1 x R0 x R1 x R2 (R = ``roi_size``; for ``predict`` and
     ``val`` the whole resampled volume), ``label`` of the image's shape in {0, 1} (when the record has one):
-    float32 for ``train``, uint8 for ``val`` (a cached whole scan; ``crop_around_label`` returns it as float32),
-    ``ich`` float32 scalar tensor (when present); other record entries pass through unchanged.
+    uint8 for ``train`` (float32 with ``affine_prob`` > 0) and ``val`` (a cached whole scan; ``crop_around_label``
+    returns it as float32), ``ich`` float32 scalar tensor (when present); other record entries pass through.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -185,7 +187,7 @@ def build_transforms(
         SpatialPadd(keys=image, spatial_size=roi, value=b_min),
         SpatialPadd(keys=label, spatial_size=roi, value=0.0),
         LesionIndicesd(label_key=label),
-        ForegroundOversampledCropd(keys=both, roi_size=roi, fg_oversample=fg_oversample, as_float=(label,)),
+        ForegroundOversampledCropd(keys=both, roi_size=roi, fg_oversample=fg_oversample),
         *(RandFlipd(keys=both, prob=aug_prob, spatial_axis=axis) for axis in range(3)),
         *([RandAffine32d(
             keys=both, prob=affine_prob, rotate_range=(np.deg2rad(AUG_ROTATION_DEG),) * 3,
@@ -200,7 +202,7 @@ def build_transforms(
 class CompactLabeld(MapTransform):
     """Keep a label as uint8 where that loses nothing (whole values in 0..255, as 0/1 masks are; anything else
     stays as it is): the cached part of the pipeline then holds a quarter of float32's bytes for it.
-    ``as_float32`` turns it back, so that what follows sees the float32 tensor it saw before."""
+    ``as_float32`` turns it back where a float32 tensor is handed on."""
 
     def __init__(self, *, keys: str | Sequence[str]) -> None:
         super().__init__(keys=keys, allow_missing_keys=True)
@@ -318,15 +320,13 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
     """nnU-Net's patch sampling: with probability ``fg_oversample`` a ``roi_size`` crop centred on a uniform
     lesion voxel (shifted to stay inside the volume), otherwise a crop at a uniform position over the whole
     volume. A case without lesion voxels always gets the uniform crop. The volume must be at least
-    ``roi_size`` (pad first); ``fg_indices`` from ``LesionIndicesd``. The ``as_float`` keys (the label kept
-    compact in the cache) leave the crop as float32: the cast costs a patch, not the whole volume."""
+    ``roi_size`` (pad first); ``fg_indices`` from ``LesionIndicesd``. The crops are views of the input, which
+    is never written (the memory cache hands its volumes in uncopied)."""
 
-    def __init__(self, *, keys: Sequence[str], roi_size: Sequence[int], fg_oversample: float,
-                 as_float: Sequence[str] = ()) -> None:
+    def __init__(self, *, keys: Sequence[str], roi_size: Sequence[int], fg_oversample: float) -> None:
         MapTransform.__init__(self, keys=keys, allow_missing_keys=True)
         self.roi = np.array(roi_size)
         self.fg_oversample = fg_oversample
-        self.as_float = tuple(as_float)
         self._start: np.ndarray | None = None
 
     def randomize(self, shape: np.ndarray, fg_indices: np.ndarray) -> None:
@@ -343,7 +343,7 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
         self.randomize(np.array(first.shape[1:]), d[FG_INDICES])
         crop = SpatialCrop(roi_start=self._start.tolist(), roi_end=(self._start + self.roi).tolist())
         for key in self.key_iterator(d):
-            d[key] = as_float32(crop(d[key])) if key in self.as_float else crop(d[key])
+            d[key] = crop(d[key])
         d.pop(FG_INDICES)
         return d
 

@@ -21,8 +21,12 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.AdamW:
-    """AdamW over parameter groups (e.g. `samft.model.param_groups(...)`); a group's own lr/weight_decay wins."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    """AdamW over parameter groups (e.g. `samft.model.param_groups(...)`); a group's own lr/weight_decay wins.
+
+    Fused: one kernel over all parameters, the same update up to float rounding (on a CPU about 4x faster than
+    the default per-tensor loop for tiny SAM-Med3D's 247 tensors: `python benchmarks/optimizer.py`).
+    """
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=True)
 
 
 def updates_per_epoch(num_batches: int, *, grad_accum_steps: int, max_steps_per_epoch: int | None = None) -> int:

@@ -136,7 +136,7 @@ class OptimiserStep:
         taken back and ends the run.
         """
         image = plain_tensor(batch["image"]).to(self.device, non_blocking=True)
-        label = plain_tensor(batch["label"]).to(self.device, non_blocking=True)
+        label = plain_tensor(batch["label"]).to(self.device, torch.float32, non_blocking=True)  # uint8 as cached
         ich = plain_tensor(batch["ich"]).to(self.device, non_blocking=True)
         no_sync = (
             self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not sync else nullcontext()
