@@ -25,6 +25,7 @@ from scipy import ndimage
 from samft.data import transforms as T
 from samft.data.datamodule import EpochSampler, build_dataloaders, default_num_workers
 from samft.data.transforms import Preprocessing, build_transforms, intensity_range
+from samft.engine.validation import ScanValidation
 from samft.errors import UserError
 
 SPACING = (2.0, 2.0, 2.0)
@@ -333,6 +334,19 @@ def test_loaders_batch_contract_and_reproducibility(records, cache: str, workers
     assert expected[0] != expected[1]  # a new epoch draws new crops and augmentations
     train.sampler.set_epoch(1)  # resuming at epoch 1 replays it
     assert epochs_of(train, 1) == expected[1:2]
+
+
+def test_validation_crops_are_of_the_scans_whole_scan_validation_reads(records) -> None:
+    """`val_scans` bounds both validations: the crop loader takes the scans `ScanValidation.indices()` takes."""
+    val = [{**records[1][i % 2], "case_id": f"scan{i}"} for i in range(5)]
+    settings = Preprocessing(spacing=SPACING, roi_size=16)
+    for limit, expected in ((3, [0, 2, 4]), (None, [0, 1, 2, 3, 4]), (9, [0, 1, 2, 3, 4])):
+        loaders = build_dataloaders(train_records=records[0], val_records=val, preprocessing=settings, batch_size=2,
+                                    num_workers=0, cache="memory", seed=0, val_limit=limit)
+        validation = ScanValidation(scans=loaders.val_scans, transform=None, records=val, roi_size=(16,) * 3,
+                                    overlap=0.0, air=0.0, prompt_mode="auto", limit=limit)
+        assert validation.indices() == expected
+        assert [case for batch in loaders.val for case in batch["case_id"]] == [f"scan{i}" for i in expected]
 
 
 def test_disk_cache_is_reused_and_keyed_by_settings(records, tmp_path: Path, monkeypatch) -> None:

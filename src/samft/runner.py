@@ -111,7 +111,7 @@ def train_this_process(cfg: DictConfig, run_dir: Path) -> float:
         batch_size=cfg.data.batch_size, num_workers=workers, cache=cfg.data.cache,
         cache_dir=cfg.data.cache_dir or run_dir / "cache", seed=cfg.seed,
         pin_memory=cfg.hardware.pin_memory and device.type == "cuda", distributed=distributed.is_active(),
-        progress=main,
+        progress=main, val_limit=cfg.val_scans,
     )
     scan_validation = ScanValidation(
         scans=loaders.val_scans, transform=prep.transforms("val"), records=data.val, roi_size=prep.roi,

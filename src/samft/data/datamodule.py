@@ -30,7 +30,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler, Sampler, Subset
 
 from samft.choices import CACHES
 from samft.data.transforms import Preprocessing, crop_around_label
@@ -41,6 +41,14 @@ from samft.errors import UserError
 # 2 kept labels as uint8 (transforms.CompactLabeld) after a float64 resampling; 1 (no key in the hash) held float32
 # labels.
 CACHE_FORMAT = 3
+
+
+def evenly_spaced(total: int, limit: int | None) -> list[int]:
+    """`limit` indices of `total` evenly spaced over the list, first and last included (all when `limit` is None or
+    at least `total`): the validation scans `val_scans` selects."""
+    if limit is None or limit >= total:
+        return list(range(total))
+    return sorted({int(i) for i in np.linspace(0, total - 1, limit).round()})
 
 
 def default_num_workers() -> int:
@@ -94,12 +102,14 @@ def build_dataloaders(
     seed: int = 0,
     distributed: bool = False,
     progress: bool = False,
+    val_limit: int | None = None,
 ) -> DataLoaders:
     """Loaders whose batches are dicts: ``image`` float32 MetaTensor B x 1 x R0 x R1 x R2, ``label``
     B x 1 x R0 x R1 x R2 in {0, 1} (train: uint8 as cached, float32 after the affine augmentation; val: float32),
     ``ich`` float32 B, ``case_id`` list[str], plus meta.
 
-    ``num_workers=None`` uses ``default_num_workers()``; workers persist across epochs. With
+    The validation crops are those of ``evenly_spaced(len(val_records), val_limit)`` (the scans whole-scan
+    validation reads). ``num_workers=None`` uses ``default_num_workers()``; workers persist across epochs. With
     ``distributed=True`` (process group initialised) each rank trains on its fixed shard of the training set and
     preprocesses only that; the validation scans a rank reads are cached on first read.
     """
@@ -115,7 +125,8 @@ def build_dataloaders(
         "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed),
     }
     train_loader = DataLoader(SeededSamples(train_ds, seed=seed), sampler=sampler, **common)
-    crops = LesionCrops(val_ds, roi_size=preprocessing.roi, air=preprocessing.air)
+    crops = Subset(LesionCrops(val_ds, roi_size=preprocessing.roi, air=preprocessing.air),
+                   evenly_spaced(len(val_records), val_limit))
     val_loader = DataLoader(crops, shuffle=False, **{**common, "num_workers": 0, "persistent_workers": False})
     return DataLoaders(train=train_loader, val=val_loader, val_scans=val_ds)
 

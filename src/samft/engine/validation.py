@@ -13,6 +13,7 @@ import torch
 from monai.data import Dataset
 from monai.transforms import Compose
 
+from samft.data.datamodule import evenly_spaced
 from samft.data.readers import read_volume
 from samft.postprocess import dice_by_min_component
 from samft.scoring import SIZE_BANDS_ML, case_metrics, interior_click, summarize
@@ -56,11 +57,9 @@ class ScanValidation:
         return self.modes[0]
 
     def indices(self) -> list[int]:
-        """The validated scans: all, or `limit` of them evenly spaced over the list."""
-        total = len(self.scans)
-        if self.limit is None or self.limit >= total:
-            return list(range(total))
-        return sorted({int(i) for i in np.linspace(0, total - 1, self.limit).round()})
+        """The validated scans: all, or `limit` of them evenly spaced over the list (the training loader's
+        validation crops are of the same scans)."""
+        return evenly_spaced(len(self.scans), self.limit)
 
     def case_rows(
         self, model: torch.nn.Module, *, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]],
