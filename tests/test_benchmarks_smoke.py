@@ -174,6 +174,20 @@ def test_refine_crop_smoke_compares_the_box_step_with_the_whole_crop_and_the_cel
     assert "whole crop: logits (2, 1, 64, 64, 64)" in out and "box: logits (2, 1, 32, 32, 32)" in out, out
     assert "box + cell MLP: logits (2, 1, 32, 32, 32)" in out, out
 
+def test_optimizer_smoke_compares_fused_adamw_with_the_default() -> None:
+    out = run_script("optimizer.py", "--repeats", "2").stdout
+    assert re.search(r"^ratio AdamW step, fused / default: .+ = \d+\.\d+x$", out, re.MULTILINE), out
+    difference = float(re.search(r"^largest weight difference after 2 updates: (\S+)$", out, re.MULTILINE)[1])
+    assert difference < 1e-7, out  # the same update up to float rounding
+
+
+def test_loader_cpu_smoke_yields_the_same_batches_as_before() -> None:
+    out = run_script("loader_cpu.py", "--size", "96", "--slices", "12", "--roi", "32", "--n", "3",
+                     "--epochs", "2").stdout
+    assert re.search(r"^ratio loader worker CPU per batch, samft / before: .+ = \d+\.\d+x$", out, re.MULTILINE), out
+    assert "same batches once the label is cast: True" in out, out
+
+
 @pytest.mark.slow
 def test_gpu_smoke_runs_every_check_with_a_cpu_form_into_one_report(tmp_path: Path) -> None:
     out = tmp_path / "gpu_smoke.json"
