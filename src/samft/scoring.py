@@ -70,12 +70,10 @@ def interior_click(truth: np.ndarray) -> list[float] | None:
     lesion = np.asarray(truth) > 0
     if not lesion.any():
         return None
-    box = tuple(
-        slice(max(int(indices.min()) - 1, 0), int(indices.max()) + 2) for indices in np.nonzero(lesion)
-    )
+    box = tuple(slice(max(int(axis.min()) - 1, 0), int(axis.max()) + 2) for axis in np.nonzero(lesion))
     depth = distance_transform_edt(lesion[box])
-    corner = np.unravel_index(int(depth.argmax()), depth.shape)
-    return [*(float(start.start + offset) for start, offset in zip(box, corner)), 1.0]
+    in_box = np.unravel_index(int(depth.argmax()), depth.shape)
+    return [*(float(side.start + index) for side, index in zip(box, in_box)), 1.0]
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:
