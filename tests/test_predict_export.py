@@ -128,6 +128,21 @@ def test_click_prompts_map_from_scan_voxels(tmp_path: Path, tiny_checkpoint, mon
     assert seen["window"][0, 0, coords[0], coords[1], coords[2]] == 1.0  # the bright block, windowed to 1
 
 
+def test_a_click_leaves_the_windows_without_it_to_a_model_trained_both_ways(tmp_path: Path, tiny_checkpoint) -> None:
+    """model.prompt_mode=both: the clicked scan is segmented whole, prompt-free in the windows the click is not in."""
+    ckpt, model = tiny_checkpoint
+    both = tmp_path / "run" / "best_model.pth"
+    both.parent.mkdir()
+    save_checkpoint({"format": FORMAT, "model": model.state_dict(),
+                     "config": {"model": {**TINY, "prompt_mode": "both"}, "data": DATA}}, both)
+    write_scan(tmp_path / "long.nii.gz", (176, 40, 24), np.diag([1.5, 1.5, 1.5, 1.0]))  # windows at x 0 and 48
+    predictor = Predictor(both, device=torch.device("cpu"))
+    clicked = predictor.predict(tmp_path / "long.nii.gz", points=[[20, 20, 12, 1]]).probabilities
+    free = predictor.predict(tmp_path / "long.nii.gz").probabilities
+    np.testing.assert_allclose(clicked[132:], free[132:], atol=1e-6)  # only the window at 48 sees these
+    assert np.abs(clicked[:40] - free[:40]).max() > 1e-3  # only the clicked window sees these
+
+
 def test_post_processing_keeps_the_clicked_component(tmp_path: Path, tiny_checkpoint, monkeypatch) -> None:
     """The run's small-component rule drops specks, but never the component a positive click points at."""
     ckpt, _ = tiny_checkpoint

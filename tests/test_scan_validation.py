@@ -14,6 +14,7 @@ import torch
 from helpers.tiny_unet import tiny_unet_on_demo
 from omegaconf import OmegaConf
 
+from samft.engine import validation as validation_module
 from samft.engine.checkpoint import FORMAT, save_checkpoint
 from samft.engine.validation import ScanValidation
 
@@ -65,3 +66,22 @@ def test_a_fixed_evenly_spaced_subset(run) -> None:
     assert validation.indices() == [0, 3, 6, 9]
     assert ScanValidation(scans=list(range(3)), transform=None, records=[], roi_size=(8, 8, 8), overlap=0.0,
                           air=0.0, prompt_mode="auto", limit=5).indices() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("prompt_mode", ["click", "both"])
+def test_click_validation_decodes_as_the_predictor_does_for_the_prompt_mode(run, monkeypatch, prompt_mode) -> None:
+    """Validation's click mode hands `scan_logits` the run's prompt_mode, as `Predictor` does: a model trained both
+    ways is decoded in sliding windows, a click-only one in the window centred on the click."""
+    _, _, model, preprocessing, scans, records = run
+    seen = []
+
+    def spy(model, volume, **kwargs):
+        seen.append((kwargs["clicks"] is not None, kwargs["prompt_mode"]))
+        return torch.zeros_like(volume)
+
+    monkeypatch.setattr(validation_module, "scan_logits", spy)
+    validation = ScanValidation(scans=scans, transform=preprocessing.transforms("val"), records=records,
+                                roi_size=preprocessing.roi, overlap=0.25, air=preprocessing.air,
+                                prompt_mode=prompt_mode)
+    validation.case_rows(model, device=torch.device("cpu"), autocast=nullcontext)
+    assert (True, prompt_mode) in seen and {mode for _, mode in seen} == {prompt_mode}

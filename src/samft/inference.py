@@ -109,7 +109,7 @@ class Predictor:
         """Probabilities for one scan (.nii, .nii.gz, .pkl or a DICOM series folder) on its own grid.
 
         points: None for the prompt-free mode; else clicks [x, y, z, label] in voxel indices of the input scan
-        (label 1 inside the lesion, 0 outside), decoded in one window centred on the positive clicks.
+        (label 1 inside the lesion, 0 outside), decoded as `samft.segmentation.scan_logits` describes.
         mask_affine: the 4 x 4 affine of the scan's mask, used (as training uses it) when the file carries no
         geometry (a bare .pkl array); without it such a scan is read with the identity (1 mm) affine.
         """
@@ -142,6 +142,7 @@ class Predictor:
             logits = scan_logits(
                 self.model, image.as_tensor().unsqueeze(0).to(self.device), roi_size=self.preprocessing.roi,
                 overlap=self.overlap, air=self.preprocessing.air, sw_batch_size=self.sw_batch_size, clicks=clicks,
+                prompt_mode=self.prompt_mode,
             )
         probabilities = to_scan_grid(torch.sigmoid(logits[0].float()), image, self._after_read)
         if probabilities.shape != array.shape:  # cannot happen unless a transform is not invertible

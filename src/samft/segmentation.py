@@ -7,7 +7,7 @@ construction: both call `scan_logits` and `to_scan_grid`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,21 +56,61 @@ def scan_logits(
     air: float,
     sw_batch_size: int = 1,
     clicks: torch.Tensor | None = None,
+    prompt_mode: str = "click",
 ) -> torch.Tensor:
     """Logits 1 x 1 x X x Y x Z for a preprocessed volume 1 x 1 x X x Y x Z on the model's device.
 
     clicks None: prompt-free, Gaussian-weighted sliding windows of `roi_size` with `overlap` (air outside the
     volume). clicks N x 4 (`[x, y, z, label]`, voxel indices of `volume`, label 1 inside the lesion, 0 outside):
-    one window centred on the positive clicks, decoded with them; voxels outside it get `OUTSIDE_LOGIT`. Along an
-    axis shorter than `roi_size` the scan is centred in the window, with air on both sides, as in training.
+    for a model that also learned to segment without prompts (`prompt_mode` both or auto, the run's
+    model.prompt_mode), the same sliding windows, each window holding a positive click decoded with the clicks
+    inside it and the others prompt-free, so the clicked region is blended from every window that sees it and
+    the rest of the scan is still segmented; for a click-only model (`click`), one window centred on the
+    positive clicks, decoded with them, and `OUTSIDE_LOGIT` beyond it. Along an axis shorter than `roi_size`
+    the scan is centred in the window, with air on both sides, as in training.
     """
     roi = tuple(int(r) for r in roi_size)
-    if clicks is None:
-        return sliding_window_inference(
-            volume, roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", cval=air,
-            predictor=lambda window: model.segment(window, num_clicks=0).logits[-1].float(),
-        )
-    return _click_window_logits(model, volume, clicks, roi=roi, air=air)
+    if clicks is not None and prompt_mode == "click":
+        return _click_window_logits(model, volume, clicks, roi=roi, air=air)
+    predictor = _prompt_free_predictor(model) if clicks is None else _click_predictor(model, volume, clicks, roi)
+    return sliding_window_inference(
+        volume, roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", cval=air,
+        predictor=predictor, with_coord=True,
+    )
+
+
+WindowPredictor = Callable[[torch.Tensor, Sequence[Sequence[slice]]], torch.Tensor]
+"""Windows B x 1 x R x R x R and their slices in the padded volume (MONAI's `with_coord`) -> logits of their shape."""
+
+
+def _prompt_free_predictor(model: torch.nn.Module) -> WindowPredictor:
+    return lambda windows, _slices: model.segment(windows, num_clicks=0).logits[-1].float()
+
+
+def _click_predictor(
+    model: torch.nn.Module, volume: torch.Tensor, clicks: torch.Tensor, roi: tuple[int, int, int],
+) -> WindowPredictor:
+    """Decode each window with the clicks inside it when one of them is positive, else without prompts."""
+    shape = torch.tensor(volume.shape[2:])
+    roi_t = torch.tensor(roi)
+    # sliding_window_inference pads an axis shorter than the window by half the difference before it (floor)
+    points = clicks[:, :3] + (torch.maximum(shape, roi_t) - shape) // 2
+    positive = clicks[:, 3] == 1
+
+    def predict(windows: torch.Tensor, slices: Sequence[Sequence[slice]]) -> torch.Tensor:
+        logits = []
+        for window, window_slices in zip(windows.split(1), slices):
+            start = torch.tensor([s.start for s in window_slices[2:]])
+            inside = ((points >= start) & (points < start + roi_t)).all(dim=1)
+            if not bool((inside & positive).any()):
+                logits.append(model.segment(window, num_clicks=0).logits[-1].float())
+                continue
+            coords = (points[inside] - start).unsqueeze(0).to(window.device, torch.float32)
+            labels = clicks[inside, 3].long().unsqueeze(0).to(window.device)
+            logits.append(model.segment_points(window, coords=coords, labels=labels).float())
+        return torch.cat(logits)
+
+    return predict
 
 
 def _click_window_logits(

@@ -88,7 +88,8 @@ class ScanValidation:
                     clicks = clicks_to_grid([click], image)
                 with autocast():
                     logits = scan_logits(model, volume, roi_size=self.roi_size, overlap=self.overlap, air=self.air,
-                                         sw_batch_size=sw_batch_size, clicks=clicks)
+                                         sw_batch_size=sw_batch_size, clicks=clicks,
+                                         prompt_mode=self.prompt_mode)
                 probabilities = to_scan_grid(torch.sigmoid(logits[0].float()), image, self.transform)
                 pred = probabilities > self.threshold
                 affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
