@@ -83,8 +83,18 @@ WindowPredictor = Callable[[torch.Tensor, Sequence[Sequence[slice]]], torch.Tens
 """Windows B x 1 x R x R x R and their slices in the padded volume (MONAI's `with_coord`) -> logits of their shape."""
 
 
+def _prompt_free_logits(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    return model.segment(windows, num_clicks=0).logits[-1].float()
+
+
 def _prompt_free_predictor(model: torch.nn.Module) -> WindowPredictor:
-    return lambda windows, _slices: model.segment(windows, num_clicks=0).logits[-1].float()
+    return lambda windows, _slices: _prompt_free_logits(model, windows)
+
+
+def _padding_before(shape: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+    """Voxels of air before the scan along each axis shorter than the window: half the difference (floor), as
+    training's SpatialPad and MONAI's sliding window pad it, so the scan's edges lie where training put them."""
+    return (torch.maximum(shape, roi) - shape) // 2
 
 
 def _click_predictor(
@@ -93,8 +103,7 @@ def _click_predictor(
     """Decode each window with the clicks inside it when one of them is positive, else without prompts."""
     shape = torch.tensor(volume.shape[2:])
     roi_t = torch.tensor(roi)
-    # sliding_window_inference pads an axis shorter than the window by half the difference before it (floor)
-    points = clicks[:, :3] + (torch.maximum(shape, roi_t) - shape) // 2
+    points = clicks[:, :3] + _padding_before(shape, roi_t)
     positive = clicks[:, 3] == 1
 
     def predict(windows: torch.Tensor, slices: Sequence[Sequence[slice]]) -> torch.Tensor:
@@ -103,7 +112,7 @@ def _click_predictor(
             start = torch.tensor([s.start for s in window_slices[2:]])
             inside = ((points >= start) & (points < start + roi_t)).all(dim=1)
             if not bool((inside & positive).any()):
-                logits.append(model.segment(window, num_clicks=0).logits[-1].float())
+                logits.append(_prompt_free_logits(model, window))
                 continue
             coords = (points[inside] - start).unsqueeze(0).to(window.device, torch.float32)
             labels = clicks[inside, 3].long().unsqueeze(0).to(window.device)
@@ -119,9 +128,7 @@ def _click_window_logits(
     roi_t = torch.tensor(roi)
     shape = torch.tensor(volume.shape[2:])
     padded_shape = torch.maximum(shape, roi_t)
-    # an axis shorter than the window gets air on both sides, as training's SpatialPad and the prompt-free
-    # sliding window give it: the scan's first and last slices lie where the model saw them in training
-    offset = (padded_shape - shape) // 2
+    offset = _padding_before(shape, roi_t)
     scan = (..., *[slice(int(o), int(o) + int(s)) for o, s in zip(offset, shape)])
     canvas = volume.new_full((1, 1, *padded_shape.tolist()), air)
     canvas[scan] = volume
