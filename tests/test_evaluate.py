@@ -67,16 +67,27 @@ def test_summary_per_size_band() -> None:
 
 
 def test_interior_click_is_the_innermost_lesion_voxel() -> None:
-    assert interior_click(_box((3, 3, 3), 5)) == [5.0, 5.0, 5.0, 1.0]
-    assert interior_click(np.zeros((4, 4, 4))) is None
+    assert interior_click(_box((3, 3, 3), 5), np.eye(4)) == [5.0, 5.0, 5.0, 1.0]
+    assert interior_click(np.zeros((4, 4, 4)), np.eye(4)) is None
+
+
+def test_interior_click_measures_depth_in_mm_on_anisotropic_voxels() -> None:
+    """A bleed three 5 mm slices thick and 21 x 21 voxels of 0.5 mm: counted in voxels every in-plane voxel two
+    from the edge is as deep as the centre (the slices bound it), and the first of them is at a corner; in mm the
+    centre is the deepest."""
+    truth = np.zeros((25, 25, 5), dtype=np.uint8)
+    truth[2:23, 2:23, 1:4] = 1
+    assert interior_click(truth, np.diag([0.5, 0.5, 5.0, 1.0])) == [12.0, 12.0, 2.0, 1.0]
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_interior_click_equals_the_whole_scan_distance_transform(seed: int) -> None:
-    """Random blobs, some cut by the scan's edge, some with ties: the bounding-box computation picks the voxel the
-    whole-scan distance transform picks (its first maximum in raster order)."""
+    """Random blobs, some cut by the scan's edge, some with ties, on isotropic (even seeds) and random anisotropic
+    voxels: the bounding-box computation picks the voxel the whole-scan distance transform in mm picks (its first
+    maximum in raster order)."""
     rng = np.random.default_rng(seed)
     shape = tuple(int(n) for n in rng.integers(6, 24, size=3))
+    spacing = np.ones(3) if seed % 2 == 0 else rng.uniform(0.4, 5.0, size=3)
     grid = np.indices(shape).astype(float)
     truth = np.zeros(shape, dtype=np.uint8)
     for _ in range(int(rng.integers(1, 4))):
@@ -85,9 +96,9 @@ def test_interior_click_equals_the_whole_scan_distance_transform(seed: int) -> N
         truth |= ((((grid - centre) / radii) ** 2).sum(axis=0) <= 1.0).astype(np.uint8)
     if not truth.any():
         truth[tuple(int(rng.integers(0, n)) for n in shape)] = 1
-    whole = distance_transform_edt(truth > 0)
+    whole = distance_transform_edt(truth > 0, sampling=spacing)
     expected = [float(i) for i in np.unravel_index(int(whole.argmax()), shape)]
-    assert interior_click(truth) == [*expected, 1.0]
+    assert interior_click(truth, np.diag([*spacing, 1.0])) == [*expected, 1.0]
 
 
 def test_evaluate_cli_writes_per_case_rows_summary_and_overlays(tmp_path: Path) -> None:

@@ -169,7 +169,7 @@ def test_validation_takes_the_device_default_window_batch(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(validation_module, "scan_logits", fake_logits)
     monkeypatch.setattr(validation_module, "_truth", lambda record, shape: np.zeros(shape, dtype=bool))
-    image = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"spatial_shape": (4, 4, 4)})
+    image = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"spatial_shape": (4, 4, 4), "original_affine": np.eye(4)})
     for setting, expected in ((None, 1), (2, 2)):
         check = ScanValidation(scans=[{"image": image}], transform=None, records=[{}], roi_size=(4, 4, 4),
                                overlap=0.0, air=0.0, prompt_mode="auto", sw_batch_size=setting)

@@ -183,7 +183,7 @@ def checkpoint_predictions(cfg: DictConfig) -> PredictFn:
     def predict(case: Case) -> tuple[np.ndarray, str]:
         clicks = points.get(case.image.name)
         if clicks is None and cfg.click_from_label and case.truth.any():
-            clicks = [interior_click(case.truth)]
+            clicks = [interior_click(case.truth, case.affine)]
         # the scan as it was read for scoring, on the geometry training gives it (no second read)
         volume = Volume(case.scan, case.scan_affine, case.scan_has_geometry or case.label is not None)
         prediction = predictor.predict_volume(volume, case.image, points=clicks)

@@ -79,10 +79,11 @@ class ScanValidation:
             truth = _truth(record, shape=image.meta["spatial_shape"])
             truth_on_device = torch.from_numpy(truth).to(device)  # scored where the logits are (case_metrics)
             volume = image.as_tensor()[None].to(device)
+            affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
             for mode in self.modes:
                 clicks = None
                 if mode == "click":
-                    click = interior_click(truth)
+                    click = interior_click(truth, affine)
                     if click is None:
                         continue  # a scan without a lesion has nothing to click: the auto mode scores it
                     clicks = clicks_to_grid([click], image)
@@ -92,7 +93,6 @@ class ScanValidation:
                                          prompt_mode=self.prompt_mode)
                 probabilities = to_scan_grid(torch.sigmoid(logits[0].float()), image, self.transform)
                 pred = probabilities > self.threshold
-                affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
                 row = {"case_id": record.get("case_id", str(index)), "mode": mode,
                        **case_metrics(torch.from_numpy(pred).to(device), truth_on_device, affine, hd95=False)}
                 if mode == self.monitored_mode:
