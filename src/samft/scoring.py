@@ -11,6 +11,8 @@ import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from scipy.ndimage import distance_transform_edt
 
+from samft.data.stats import voxel_spacing
+
 SIZE_BANDS_ML = (("under 1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), ("over 10 ml", 10.0, float("inf")))
 
 
@@ -30,7 +32,7 @@ def case_metrics(
     """
     if device is None:
         device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    spacing = voxel_spacing(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     p = torch.as_tensor(pred > 0, device=device)[None, None].float()
     t = torch.as_tensor(truth > 0, device=device)[None, None].float()
@@ -40,7 +42,7 @@ def case_metrics(
     distance = math.nan
     if hd95 and pred_sum > 0 and true_sum > 0:
         metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-        distance = metric(p, t, spacing=spacing.tolist()).item()
+        distance = metric(p, t, spacing=spacing).item()
     return {
         "dice": dice, "hd95_mm": distance,
         "pred_volume_ml": pred_sum * voxel_ml, "true_volume_ml": true_sum * voxel_ml,
@@ -73,7 +75,7 @@ def interior_click(truth: np.ndarray, affine: np.ndarray) -> list[float] | None:
     if not lesion.any():
         return None
     box = tuple(slice(max(int(axis.min()) - 1, 0), int(axis.max()) + 2) for axis in np.nonzero(lesion))
-    depth = distance_transform_edt(lesion[box], sampling=np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    depth = distance_transform_edt(lesion[box], sampling=voxel_spacing(affine))
     in_box = np.unravel_index(int(depth.argmax()), depth.shape)
     return [*(float(side.start + index) for side, index in zip(box, in_box)), 1.0]
 
