@@ -54,6 +54,8 @@ def intracranial_cavity(hu: np.ndarray, affine: np.ndarray, *, bone_hu: float, e
     import numpy as np
     from scipy import ndimage
 
+    from samft.data.stats import voxel_spacing
+
     bone = np.asarray(hu) > bone_hu
     axis = axial_axis(affine)
     enclosed = np.moveaxis(np.zeros_like(bone), axis, 0)
@@ -62,8 +64,7 @@ def intracranial_cavity(hu: np.ndarray, affine: np.ndarray, *, bone_hu: float, e
     enclosed = np.moveaxis(enclosed, 0, axis)
     if erode_mm <= 0:
         return enclosed
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    return ndimage.distance_transform_edt(enclosed, sampling=spacing) > erode_mm
+    return ndimage.distance_transform_edt(enclosed, sampling=voxel_spacing(affine)) > erode_mm
 
 
 def threshold_mask(

@@ -18,6 +18,7 @@ from monai.transforms import Compose
 from samft.builders import preprocessing
 from samft.choices import DEFAULT_MAX_VOXELS, NONFINITE_POLICIES
 from samft.data.readers import Volume, read_volume, volume_meta
+from samft.data.stats import voxel_spacing
 from samft.data.transforms import LoadCased, cased
 from samft.engine.checkpoint import load_checkpoint
 from samft.engine.precision import autocast
@@ -177,7 +178,7 @@ def check_scan_size(
 ) -> None:
     """UserError when the scan (`shape`) or its resampling to `spacing` mm holds more than `max_voxels` voxels."""
     voxels = math.prod(shape)
-    zooms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    zooms = voxel_spacing(affine)
     resampled = math.prod(math.ceil(n * z / s) for n, z, s in zip(shape[:3], zooms, spacing))
     if voxels > max_voxels or resampled > max_voxels:
         raise UserError(f"{path}: {' x '.join(map(str, shape))} voxels ({resampled:,} at the model's {list(spacing)} "

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from samft.data.stats import voxel_spacing
+
 FILE = "postprocessing.json"
 CANDIDATES_ML = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -33,7 +35,7 @@ def remove_small_components(mask: np.ndarray, affine: np.ndarray, *, min_ml: flo
 def _components(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """The 26-connected components of `mask` on a grid with `affine` (mm): labels X x Y x Z (0 background), each
     label's voxel count, and the millilitres of one voxel."""
-    voxel_ml = float(np.prod(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))) / 1000.0
+    voxel_ml = float(np.prod(voxel_spacing(affine))) / 1000.0
     labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), dtype=bool))
     return labels, np.bincount(labels.ravel(), minlength=count + 1), voxel_ml
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from samft.data.readers import read_volume
+from samft.data.stats import voxel_spacing
 from samft.errors import UserError
 from samft.synth.brain import PARENCHYMA_HU, brain_blocks, brain_mask
 from samft.synth.noise import NoiseModel, estimate_noise
@@ -29,7 +30,7 @@ class Scan:
 
     @property
     def spacing(self) -> np.ndarray:
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
+        return np.asarray(voxel_spacing(self.affine))
 
     @property
     def voxel_mm3(self) -> float:
